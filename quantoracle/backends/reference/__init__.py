@@ -1,0 +1,1 @@
+"""Torch reference backend: exact NVFP4 numerics on any device, the ground truth."""

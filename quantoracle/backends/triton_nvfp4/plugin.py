@@ -1,0 +1,35 @@
+"""Declares the Triton NVFP4 backend: W4A16 dense GEMM and fused MoE with in-register
+dequantization, for CUDA GPUs from Ampere (sm80) on; exact W4A4 by emulation."""
+
+from quantoracle.backends.base import KernelBackend, Kernels
+from quantoracle.oracle import BackendSpec, SchemeSupport, hookimpl
+from quantoracle.schemes.keys import NVFP4_ACT_DYNAMIC, NVFP4_WEIGHT
+
+SPEC = BackendSpec(
+    name="triton_nvfp4",
+    description="Triton: NVFP4 weights dequantized in registers, bf16/fp16 tensor cores",
+    layer_kinds={"linear", "moe"},
+    schemes=(
+        SchemeSupport(weight=NVFP4_WEIGHT, activation=None),
+        SchemeSupport(weight=NVFP4_WEIGHT, activation=NVFP4_ACT_DYNAMIC, emulated=True),
+    ),
+    platforms={"cuda"},
+    min_capability=(8, 0),
+    dtypes={"bfloat16", "float16"},
+    moe_activations={"silu"},
+    k_multiple_of=16,
+    requires=("triton",),
+    priority=10,
+)
+
+
+def _kernels() -> Kernels:
+    from quantoracle.backends.triton_nvfp4.gemm import linear, prepare_linear
+    from quantoracle.backends.triton_nvfp4.moe import fused_moe, prepare_moe
+
+    return Kernels(prepare_linear, linear, prepare_moe, fused_moe)
+
+
+@hookimpl
+def quantoracle_backends():
+    return [KernelBackend(SPEC, _kernels)]

@@ -1,0 +1,264 @@
+"""The data the oracle reasons about: the device, the layer problem, and each backend's rules.
+
+Everything here is a frozen pydantic model: hashable (a :class:`Problem` keys the resolve
+cache), comparable, and JSON-serializable.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from quantoracle.errors import ProblemError
+from quantoracle.schemes.keys import QuantKey
+from quantoracle.schemes.scheme import Scheme
+
+LayerKind = Literal["linear", "moe"]
+Platform = Literal["cpu", "cuda", "rocm"]
+ActivationDtype = Literal["float32", "bfloat16", "float16"]
+LAYER_KINDS: tuple[LayerKind, ...] = ("linear", "moe")
+ACTIVATION_DTYPES: tuple[ActivationDtype, ...] = ("bfloat16", "float16", "float32")
+ANY = "any"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Device(_Frozen):
+    """Where a layer runs: a platform and, for CUDA, a compute capability.
+
+    ``Device.parse("sm90")`` is an H100/H200, ``"sm100"`` a B200, ``"sm80"`` an A100, ``"cpu"`` the
+    CPU; ``Device.current()`` probes torch.
+    """
+
+    platform: Platform
+    capability: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _capability_for_cuda(self) -> "Device":
+        if (self.platform == "cuda") != (self.capability is not None):
+            raise ValueError("capability: a CUDA device has a compute capability, other platforms none")
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> "Device":
+        """``"cpu"``, ``"rocm"``, ``"sm90"`` / ``"sm_90"`` / ``"sm90a"``, ``"sm100"``, ``"sm120"``."""
+        t = text.strip().lower()
+        if t in ("cpu", "rocm"):
+            return cls(platform=t)
+        match = re.fullmatch(r"sm_?(\d{2,3})a?", t)
+        if not match:
+            raise ValueError(
+                f"device {text!r}: write 'cpu', 'rocm' or a CUDA compute capability like 'sm80', "
+                "'sm90', 'sm100'"
+            )
+        digits = match.group(1)
+        return cls(platform="cuda", capability=(int(digits[:-1]), int(digits[-1])))
+
+    @classmethod
+    def of(cls, device: Any) -> "Device":
+        """The Device of a ``torch.device`` (or its string form), probing CUDA if needed."""
+        import torch
+
+        device = torch.device(device)
+        if device.type == "cuda":
+            if torch.version.hip:
+                return cls(platform="rocm")
+            return cls(platform="cuda", capability=torch.cuda.get_device_capability(device))
+        return cls(platform="cpu")
+
+    @classmethod
+    def current(cls) -> "Device":
+        """The current CUDA device if there is one, else the CPU."""
+        import torch
+
+        return cls.of("cuda" if torch.cuda.is_available() else "cpu")
+
+    def __str__(self) -> str:
+        if self.capability is None:
+            return self.platform
+        return f"sm{self.capability[0]}{self.capability[1]}"
+
+
+class ParallelConfig(_Frozen):
+    """How a layer is sharded. Tensor parallelism splits a Linear's output (``tp_dim="column"``) or
+    input (``"row"``) features, and each expert's intermediate dimension (gate/up by column,
+    down by row); expert parallelism gives each rank ``experts / ep_size`` whole experts."""
+
+    tp_size: int = 1
+    tp_rank: int = 0
+    ep_size: int = 1
+    ep_rank: int = 0
+    tp_dim: Literal["column", "row"] = "column"
+
+    @model_validator(mode="after")
+    def _ranks(self) -> "ParallelConfig":
+        for what in ("tp", "ep"):
+            size, rank = getattr(self, f"{what}_size"), getattr(self, f"{what}_rank")
+            if size < 1:
+                raise ProblemError(f"{what}_size={size}: a parallel size is at least 1")
+            if not 0 <= rank < size:
+                raise ProblemError(f"{what}_rank={rank} is out of range for {what}_size={size}: use 0..{size - 1}")
+        return self
+
+    def __str__(self) -> str:
+        return f"tp{self.tp_size}({self.tp_dim}) ep{self.ep_size}"
+
+
+class Problem(_Frozen):
+    """One quantized layer to serve.
+
+    - Linear: ``y[M, n] = x[M, k] @ W[n, k]^T``.
+    - MoE: ``k`` is the hidden size H and ``n`` the intermediate size I of one expert
+      (gate/up weights ``[2I, H]``, down ``[H, I]``), ``experts`` E and ``top_k``.
+
+    Shapes are the unsharded (global) ones; ``local_n`` / ``local_k`` / ``local_experts`` are what
+    one rank holds under ``parallel``.
+    """
+
+    kind: LayerKind
+    scheme: Scheme
+    device: Device
+    dtype: ActivationDtype = "bfloat16"
+    n: int
+    k: int
+    experts: int | None = None
+    top_k: int | None = None
+    moe_activation: str | None = None
+    parallel: ParallelConfig = ParallelConfig()
+
+    @field_validator("n", "k")
+    @classmethod
+    def _positive(cls, v: int, info) -> int:
+        if v < 1:
+            raise ValueError(f"{info.field_name}={v}: a layer dimension is positive")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moe_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") == "moe" and data.get("moe_activation") is None:
+            data = {**data, "moe_activation": "silu"}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Problem":
+        p = self.parallel
+        if self.kind == "moe":
+            if self.experts is None or self.top_k is None or self.experts < 1:
+                raise ProblemError("a MoE problem needs experts >= 1 and top_k")
+            if not 1 <= self.top_k <= self.experts:
+                raise ProblemError(f"top_k={self.top_k} must be in 1..experts={self.experts}")
+            if self.experts % p.ep_size:
+                raise ProblemError(
+                    f"experts={self.experts} is not divisible by ep_size={p.ep_size}: "
+                    "each rank must hold the same number of whole experts"
+                )
+        else:
+            if (self.experts, self.top_k, self.moe_activation) != (None, None, None) or p.ep_size != 1:
+                raise ProblemError("a Linear problem has no experts, top_k, moe_activation or ep_size")
+        split = self.n if self.kind == "moe" or p.tp_dim == "column" else self.k
+        if split % p.tp_size:
+            dim = "n" if split is self.n else "k"
+            raise ProblemError(f"{dim}={split} is not divisible by tp_size={p.tp_size}")
+        return self
+
+    @property
+    def local_n(self) -> int:
+        if self.kind == "linear" and self.parallel.tp_dim == "row":
+            return self.n
+        return self.n // self.parallel.tp_size
+
+    @property
+    def local_k(self) -> int:
+        """Input features of the shard; for MoE the hidden size (gate/up's K; down's K is local_n)."""
+        if self.kind == "linear" and self.parallel.tp_dim == "row":
+            return self.k // self.parallel.tp_size
+        return self.k
+
+    @property
+    def reduction_dims(self) -> tuple[int, ...]:
+        """Every K a kernel of this problem reduces over, per shard (for MoE: H for gate/up, I/tp
+        for down)."""
+        return (self.local_k, self.local_n) if self.kind == "moe" else (self.local_k,)
+
+    @property
+    def local_experts(self) -> int | None:
+        return None if self.experts is None else self.experts // self.parallel.ep_size
+
+    def with_scheme(self, scheme: Scheme) -> "Problem":
+        return self.model_copy(update={"scheme": scheme})
+
+    def __str__(self) -> str:
+        shape = f"n={self.n} k={self.k}"
+        if self.kind == "moe":
+            shape = f"E={self.experts} top{self.top_k} H={self.k} I={self.n} {self.moe_activation}"
+        return f"{self.kind} {self.scheme} on {self.device} {self.dtype} {shape} {self.parallel}"
+
+
+class SchemeSupport(_Frozen):
+    """One scheme a backend serves. ``activation`` may be a key, ``None`` (weight-only) or
+    ``"any"``. ``emulated`` marks W4A4 served by exact emulation (activations quantized and
+    dequantized in 16-bit arithmetic); it is chosen only under ``activation_fallback="emulate"``."""
+
+    weight: QuantKey
+    activation: QuantKey | None | Literal["any"] = None
+    emulated: bool = False
+
+    def matches(self, scheme: Scheme) -> bool:
+        return self.weight == scheme.weight and self.activation in (ANY, scheme.activation)
+
+
+class BackendSpec(_Frozen):
+    """A backend's declaration: which problems it serves, as data the engine evaluates.
+
+    Every field is one rule (or a few); ``priority`` ranks the backends that pass them all
+    (higher first, then by name).
+    """
+
+    name: str
+    description: str = ""
+    layer_kinds: frozenset[LayerKind]
+    schemes: tuple[SchemeSupport, ...]
+    platforms: frozenset[Platform]
+    min_capability: tuple[int, int] | None = None
+    max_capability: tuple[int, int] | None = None
+    dtypes: frozenset[ActivationDtype] = frozenset(ACTIVATION_DTYPES)
+    moe_activations: frozenset[str] = frozenset({"silu"})
+    n_multiple_of: int = 1
+    k_multiple_of: int = 1
+    max_top_k: int | None = None
+    tensor_parallel: bool = True
+    expert_parallel: bool = True
+    requires: tuple[str, ...] = ()
+    priority: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", v):
+            raise ValueError(f"name={v!r}: use lower_snake_case, it is typed on command lines")
+        return v
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a plugin registers: a spec, and the two calls a layer makes.
+
+    - ``prepare(weights, problem)`` runs once per layer: it converts the checkpoint's tensors
+      (:class:`~quantoracle.schemes.tensors.NVFP4Tensor` for a Linear,
+      :class:`~quantoracle.schemes.tensors.MoEWeights` for MoE) to the backend's layout.
+      ``problem`` is the *effective* problem (after any activation fallback).
+    - ``apply(prepared, x, topk_weights=None, topk_ids=None)`` runs every forward. Linear:
+      ``x[..., K] -> [..., N]``. MoE: ``x[M, H]``, ``topk_weights[M, k]``, ``topk_ids[M, k]``
+      (global expert ids; experts that are not local contribute zero) ``-> [M, H]``.
+    """
+
+    spec: BackendSpec
+
+    def prepare(self, weights: Any, problem: Problem) -> Any: ...
+
+    def apply(self, prepared: Any, x: Any, topk_weights: Any = None, topk_ids: Any = None) -> Any: ...
