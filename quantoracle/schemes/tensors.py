@@ -58,6 +58,32 @@ class NVFP4Tensor:
                 f"{self.input_scale.dtype} {tuple(self.input_scale.shape)}"
             )
 
+    @classmethod
+    def quantize(
+        cls, w: torch.Tensor, *, shards: int = 1, input_amax: torch.Tensor | None = None
+    ) -> "NVFP4Tensor":
+        """Quantize float weights ``[*lead, R, K]`` as ModelOpt exports them.
+
+        Each lead index (each expert) is one fused group: its ``shards`` row shards share one
+        ``scale_2`` from the group's max amax (FORMATS.md section 2), stored once per shard.
+        ``input_amax`` (float32 ``[*lead, shards]``, calibrated max |x| of each shard's input)
+        gives W4A4's ``input_scale = amax / 2688``; ``None`` makes a weight-only tensor.
+        """
+        lead, (rows, cols) = w.shape[:-2], w.shape[-2:]
+        parts = [nvfp4.quantize_weight(m) for m in w.reshape(-1, rows, cols)]
+        packed, block_scale, scale_2 = (torch.stack(t) for t in zip(*parts))
+        global_scale = scale_2.reshape(*lead, 1).expand(*lead, shards).contiguous()
+        input_scale = None
+        if input_amax is not None:
+            flat = input_amax.reshape(-1)
+            input_scale = torch.stack([nvfp4.global_scale(a) for a in flat]).reshape(global_scale.shape)
+        return cls(
+            packed.reshape(*lead, rows, cols // 2),
+            block_scale.reshape(*lead, rows, cols // nvfp4.BLOCK),
+            global_scale,
+            None if input_scale is None else input_scale.to(w.device),
+        )
+
     @property
     def rows(self) -> int:
         """R, the output dimension (N of a Linear, 2I or H of an expert projection)."""

@@ -1,0 +1,221 @@
+"""``torch.nn.Module`` front ends: resolve a backend once, ``prepare`` once, ``apply`` per call.
+
+A layer resolves on the device its weights are on, when it is built; moving it afterwards is not
+supported (the backend, and the layout ``prepare`` chose, belong to that device): build it where
+it will run. ``module.resolution`` says which backend runs it and why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from quantoracle.oracle import Device, ParallelConfig, Problem, Resolution, resolve
+from quantoracle.oracle.engine import ActivationFallback
+from quantoracle.oracle.registry import Registry
+from quantoracle.schemes.scheme import W4A16_NVFP4, Scheme
+from quantoracle.schemes.tensors import MoEWeights, NVFP4Tensor
+
+_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"activation dtype {dtype}: use torch.bfloat16, torch.float16 or torch.float32") from None
+
+
+class _ResolvedLayer(nn.Module):
+    resolution: Resolution
+
+    def _setup(self, weights: Any, problem: Problem, options: dict[str, Any], name: str | None) -> None:
+        self.layer_name = name
+        self.resolution = resolve(problem, **options)
+        self.prepared = self.resolution.backend.prepare(weights, self.resolution.effective_problem)
+
+    @property
+    def backend(self) -> str:
+        return self.resolution.name
+
+    def _describe(self) -> str:
+        res = self.resolution
+        text = f"scheme={res.problem.scheme}, backend={res.name}"
+        if res.fallback:
+            text += f", fallback={res.fallback}"
+        if res.problem.parallel != ParallelConfig():
+            text += f", parallel={res.problem.parallel}"
+        return text
+
+
+def _all_reduce(y: torch.Tensor, group: Any) -> torch.Tensor:
+    dist.all_reduce(y, group=group)
+    return y
+
+
+class NVFP4Linear(_ResolvedLayer):
+    """``y = x @ W^T (+ bias)`` with NVFP4 weights ``W[N, K]``.
+
+    ``weight`` is the checkpoint's :class:`NVFP4Tensor` (this rank's shard under tensor
+    parallelism: rows for ``tp_dim="column"``, columns for ``"row"``). ``forward`` takes
+    ``x[..., K]`` (the full input, also for a row-parallel layer, which slices its part) in
+    ``dtype`` and returns ``[..., N]`` (all-gathered over ``group`` when column-parallel, summed
+    when row-parallel). Resolution options (``force``, ``exclude``, ``activation_fallback``,
+    ``registry``) pass through to :func:`quantoracle.resolve`.
+    """
+
+    def __init__(
+        self,
+        weight: NVFP4Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        scheme: Scheme = W4A16_NVFP4,
+        dtype: torch.dtype = torch.bfloat16,
+        parallel: ParallelConfig = ParallelConfig(),
+        group: Any = None,
+        force: str | None = None,
+        exclude: tuple[str, ...] = (),
+        activation_fallback: ActivationFallback = "weight_only",
+        registry: Registry | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        column = parallel.tp_dim == "column"
+        n = weight.rows * (parallel.tp_size if column else 1)
+        k = weight.cols * (1 if column else parallel.tp_size)
+        problem = Problem(
+            kind="linear", scheme=scheme, device=Device.of(weight.packed.device),
+            dtype=_dtype_name(dtype), n=n, k=k, parallel=parallel,
+        )
+        self.in_features, self.out_features, self.dtype, self.group = k, n, dtype, group
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+        options = dict(force=force, exclude=exclude, activation_fallback=activation_fallback, registry=registry)
+        self._setup(weight, problem, options, name)
+
+    @classmethod
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        scheme: Scheme = W4A16_NVFP4,
+        input_amax: float | None = None,
+        **options: Any,
+    ) -> "NVFP4Linear":
+        """Quantize a float ``weight[N, K]`` (ModelOpt numerics) and build the layer on its device.
+        W4A4 needs ``input_amax``, the calibrated max |x| of the layer's input."""
+        amax = None
+        if not scheme.weight_only:
+            if input_amax is None:
+                raise ValueError("a W4A4 scheme needs input_amax (the calibrated max |x| of the input)")
+            amax = torch.tensor([float(input_amax)], device=weight.device)
+        return cls(NVFP4Tensor.quantize(weight, input_amax=amax), bias, scheme=scheme, **options)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.resolution.problem.parallel
+        if p.tp_size > 1 and p.tp_dim == "row":
+            shard = self.in_features // p.tp_size
+            x = x[..., p.tp_rank * shard : (p.tp_rank + 1) * shard]
+        y = self.resolution.backend.apply(self.prepared, x.to(self.dtype))
+        if p.tp_size > 1 and p.tp_dim == "row":
+            y = _all_reduce(y.contiguous(), self.group)
+        elif p.tp_size > 1:
+            parts = [torch.empty_like(y) for _ in range(p.tp_size)]
+            dist.all_gather(parts, y.contiguous(), group=self.group)
+            y = torch.cat(parts, dim=-1)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self._describe()}"
+
+
+class NVFP4FusedMoE(_ResolvedLayer):
+    """A Mixture-of-Experts block's experts with NVFP4 weights, and its routing.
+
+    ``weights`` holds this rank's experts (all of them without expert parallelism; with it,
+    ``experts / ep_size`` starting at ``weights.first_expert``) and, under tensor parallelism,
+    this rank's slice of each expert's intermediate dimension. ``forward(x[M, H],
+    router_logits[M, E])`` routes (softmax over all experts in float32, top-k, renormalized
+    when ``renormalize``: Qwen3-MoE's ``norm_topk_prob`` and Mixtral's top-k softmax), runs the
+    backend, and sums partial results over ``group`` when sharded.
+    """
+
+    def __init__(
+        self,
+        weights: MoEWeights,
+        *,
+        top_k: int,
+        experts: int | None = None,
+        scheme: Scheme = W4A16_NVFP4,
+        dtype: torch.dtype = torch.bfloat16,
+        activation: str = "silu",
+        renormalize: bool = True,
+        parallel: ParallelConfig = ParallelConfig(),
+        group: Any = None,
+        force: str | None = None,
+        exclude: tuple[str, ...] = (),
+        activation_fallback: ActivationFallback = "weight_only",
+        registry: Registry | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        experts = experts if experts is not None else weights.experts * parallel.ep_size
+        problem = Problem(
+            kind="moe", scheme=scheme, device=Device.of(weights.gate_up.packed.device),
+            dtype=_dtype_name(dtype), n=weights.intermediate * parallel.tp_size, k=weights.hidden,
+            experts=experts, top_k=top_k, moe_activation=activation, parallel=parallel,
+        )
+        self.num_experts, self.top_k, self.renormalize = experts, top_k, renormalize
+        self.dtype, self.group = dtype, group
+        options = dict(force=force, exclude=exclude, activation_fallback=activation_fallback, registry=registry)
+        self._setup(weights, problem, options, name)
+
+    @classmethod
+    def from_float(
+        cls,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        *,
+        top_k: int,
+        scheme: Scheme = W4A16_NVFP4,
+        input_amax: torch.Tensor | None = None,
+        **options: Any,
+    ) -> "NVFP4FusedMoE":
+        """Quantize float experts ``gate_up[E, 2I, H]`` (gate rows first) and ``down[E, H, I]``.
+        W4A4 needs ``input_amax`` float32 ``[E, 3]``: max |x| into gate, up and down."""
+        amax = [None, None]
+        if not scheme.weight_only:
+            if input_amax is None:
+                raise ValueError("a W4A4 scheme needs input_amax [E, 3] (gate, up, down input max |x|)")
+            amax = [input_amax[:, :2], input_amax[:, 2:]]
+        weights = MoEWeights(
+            NVFP4Tensor.quantize(gate_up, shards=2, input_amax=amax[0]),
+            NVFP4Tensor.quantize(down, input_amax=amax[1]),
+        )
+        return cls(weights, top_k=top_k, scheme=scheme, **options)
+
+    def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(topk_weights float32 [M, k], topk_ids int64 [M, k])`` from logits ``[M, E]``."""
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        topk_weights, topk_ids = self.route(router_logits)
+        return self.forward_routed(x, topk_weights, topk_ids)
+
+    def forward_routed(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """The experts alone: ``x[M, H]``, ``topk_weights[M, k]``, global ``topk_ids[M, k]``."""
+        y = self.resolution.backend.apply(self.prepared, x.to(self.dtype), topk_weights, topk_ids)
+        p = self.resolution.problem.parallel
+        if p.tp_size * p.ep_size > 1:
+            y = _all_reduce(y, self.group)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, top_k={self.top_k}, {self._describe()}"
