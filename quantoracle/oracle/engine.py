@@ -146,7 +146,10 @@ def resolve(
         raise ValueError(f"activation_fallback={activation_fallback!r}: use one of {', '.join(FALLBACKS)}")
     registry = registry or default_registry()
     force = force if force is not None else (os.environ.get(ENV_BACKEND) or None)
-    return _resolve(registry, registry.generation, problem, force, frozenset(exclude), activation_fallback)
+    outcome = _resolve(registry, registry.generation, problem, force, frozenset(exclude), activation_fallback)
+    if isinstance(outcome, QuantoracleError):
+        raise outcome.with_traceback(None)
+    return outcome
 
 
 @lru_cache(maxsize=4096)
@@ -157,6 +160,16 @@ def _resolve(
     force: str | None,
     exclude: frozenset[str],
     policy: ActivationFallback,
+) -> Resolution | QuantoracleError:
+    """The cached outcome: a Resolution, or the error resolve raises (failures are cached too)."""
+    try:
+        return _decide(registry, problem, force, exclude, policy)
+    except (NoBackendError, UnknownBackendError) as err:
+        return err
+
+
+def _decide(
+    registry: Registry, problem: Problem, force: str | None, exclude: frozenset[str], policy: ActivationFallback
 ) -> Resolution:
     backends = registry.backends
     unknown = sorted((({force} - {None}) | exclude) - backends.keys())

@@ -1,0 +1,124 @@
+"""``quantoracle``: demo | resolve | backends | matrix | quantize | bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from quantoracle.errors import QuantoracleError
+from quantoracle.oracle import Device, default_registry
+from quantoracle.oracle.engine import FALLBACKS
+from quantoracle.oracle.spec import ACTIVATION_DTYPES
+from quantoracle.report import table
+from quantoracle.schemes.scheme import Scheme
+
+
+def _device(text: str | None) -> Device:
+    return Device.current() if text in (None, "current") else Device.parse(text)
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    backends = default_registry().backends
+    if args.json:
+        print(json.dumps([b.spec.model_dump(mode="json") for b in backends.values()], indent=2))
+        return 0
+    rows = []
+    for b in sorted(backends.values(), key=lambda b: (-b.spec.priority, b.spec.name)):
+        s = b.spec
+        cap = ""
+        if s.min_capability or s.max_capability:
+            fmt = lambda c: f"sm{c[0]}{c[1]}" if c else ""  # noqa: E731
+            cap = f" {fmt(s.min_capability)}..{fmt(s.max_capability)}"
+        schemes = ", ".join(
+            (f"{x.weight.dtype}+any" if x.activation == "any" else Scheme(weight=x.weight, activation=x.activation).name)
+            + (" (emulated)" if x.emulated else "")
+            for x in s.schemes
+        )
+        rows.append([
+            s.name, s.priority, "+".join(sorted(s.layer_kinds)), schemes,
+            ",".join(sorted(s.platforms)) + cap, ",".join(sorted(s.dtypes)),
+            f"n%{s.n_multiple_of} k%{s.k_multiple_of}", ",".join(sorted(s.moe_activations)),
+            ("tp" if s.tensor_parallel else "") + ("+ep" if s.expert_parallel else ""),
+            ",".join(s.requires) or "-",
+        ])
+    print(table(["backend", "prio", "layers", "schemes", "devices", "dtypes", "shape",
+                 "moe act", "parallel", "requires"], rows))
+    for b in backends.values():
+        if b.spec.description:
+            print(f"  {b.spec.name}: {b.spec.description}")
+    return 0
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from quantoracle.matrix import matrix
+
+    device = _device(args.device)
+    rows = matrix(device, args.dtype, args.activation_fallback)
+    if args.json:
+        print(json.dumps({"device": str(device), "dtype": args.dtype, "rows": rows}, indent=2))
+        return 0
+    out = []
+    for r in rows:
+        why = "; ".join(f"{n}: {','.join(codes)}" for n, codes in r["rejections"].items())
+        chosen = r["backend"] or "NONE"
+        if r["fallback"]:
+            chosen += f" ({r['fallback']})"
+        out.append([r["scheme"], r["kind"], chosen, why])
+    print(f"device {device}, activations {args.dtype}, activation_fallback={args.activation_fallback}")
+    print(table(["scheme", "layer", "backend", "rejected (rule codes)"], out))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import os
+    import platform
+
+    from quantoracle.matrix import time_resolve
+
+    result = time_resolve(rounds=args.rounds)
+    result.update(machine=platform.processor() or platform.machine(), python=platform.python_version())
+    print(table(["problems", "backends", "cold median us", "cold p90 us", "cached median us", "cached p90 us"], [[
+        result["problems"], result["backends"], f"{result['cold_us_median']:.1f}",
+        f"{result['cold_us_p90']:.1f}", f"{result['cached_us_median']:.2f}", f"{result['cached_us_p90']:.2f}",
+    ]]))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "resolve.json")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="quantoracle", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("backends", help="every registered backend and its rules")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_backends)
+
+    p = sub.add_parser("matrix", help="every scheme x layer kind -> backend, or why none")
+    p.add_argument("--device", default=None, help="cpu, sm80, sm90, sm100, ... (default: this machine)")
+    p.add_argument("--dtype", default="bfloat16", choices=ACTIVATION_DTYPES)
+    p.add_argument("--activation-fallback", default="weight_only", choices=FALLBACKS)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_matrix)
+
+    p = sub.add_parser("bench", help="time resolve over the full matrix (cold and cached)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", default=None, help="directory for resolve.json")
+    p.set_defaults(run=cmd_bench)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (QuantoracleError, ValueError) as err:
+        print(f"quantoracle {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+import json
+
+from quantoracle.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_backends_table_and_json(capsys):
+    code, out, _ = run(capsys, "backends")
+    assert code == 0 and "triton_nvfp4" in out and "reference" in out
+    code, out, _ = run(capsys, "backends", "--json")
+    specs = {s["name"]: s for s in json.loads(out)}
+    assert specs["triton_nvfp4"]["min_capability"] == [8, 0]
+
+
+def test_matrix_on_hopper_serves_both_nvfp4_schemes_weight_only(capsys):
+    code, out, _ = run(capsys, "matrix", "--device", "sm90", "--json")
+    rows = {(r["scheme"], r["kind"]): r for r in json.loads(out)["rows"]}
+    assert rows["w4a16_nvfp4", "moe"]["backend"] == "triton_nvfp4"
+    assert rows["w4a4_nvfp4", "moe"]["fallback"] == "weight_only"
+    assert rows["w8a8_fp8", "linear"]["backend"] is None
+    assert rows["w8a8_fp8", "linear"]["rejections"]["reference"] == ["weight_scheme"]
+    code, out, _ = run(capsys, "matrix", "--device", "cpu", "--dtype", "float32")
+    assert "w4a16_nvfp4       moe     reference" in out
+
+
+def test_bad_device_is_a_clear_error(capsys):
+    code, _, err = run(capsys, "matrix", "--device", "hopper")
+    assert code == 2 and "sm90" in err
+
+
+def test_bench_writes_json(capsys, tmp_path):
+    code, out, _ = run(capsys, "bench", "--rounds", "1", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "resolve.json").read_text())
+    assert code == 0 and data["problems"] > 100 and data["cached_us_median"] > 0
