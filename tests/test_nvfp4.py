@@ -29,12 +29,37 @@ WORKED = [
     # q = w / (224 / 2688) = 12 w: 0, .12, -.24, .36, .6, -.84, 1.2, 1.56, -2.04, 2.4, 3, -3.6,
     # 4.2, 4.8, -5.4, 6 -> 0, 0, -0(8), .5(1), .5(1), -1(a), 1(2), 1.5(3), -2(c), 2(4), 3(5),
     # -4(e), 4(6), 4(6), -6(f), 6(7); pairs (low, high): 00 18 a1 32 4c e5 66 7f.
-    ([0, .01, -.02, .03, .05, -.07, .1, .13, -.17, .2, .25, -.3, .35, .4, -.45, .5], 1.0,
-     0x76, "00 18 a1 32 4c e5 66 7f"),
+    (
+        [
+            0,
+            0.01,
+            -0.02,
+            0.03,
+            0.05,
+            -0.07,
+            0.1,
+            0.13,
+            -0.17,
+            0.2,
+            0.25,
+            -0.3,
+            0.35,
+            0.4,
+            -0.45,
+            0.5,
+        ],
+        1.0,
+        0x76,
+        "00 18 a1 32 4c e5 66 7f",
+    ),
     # scale_2 = 2688/2688 = 1, s = 6 / 6 = 1.0 = 0x38, q = w. Ties go to the even index:
     # .25->0(0) .75->1(2) 1.25->1(2) 1.75->2(4) 2.5->2(4) 3.5->4(6) 5->4(6) 6(7), negatives +8.
-    ([.25, .75, 1.25, 1.75, 2.5, 3.5, 5, 6, -.25, -.75, -1.25, -1.75, -2.5, -3.5, -5, 0], 2688.0,
-     0x38, "20 42 64 76 a8 ca ec 0e"),
+    (
+        [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, 6, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5, 0],
+        2688.0,
+        0x38,
+        "20 42 64 76 a8 ca ec 0e",
+    ),
     # An all-zero block: s = 0 -> 1.0 (0x38), every code 0.
     ([0.0] * 16, 1.0, 0x38, "00 00 00 00 00 00 00 00"),
     # s = 1e-6 * 448 = 4.5e-4 < 2^-10: clamped up to 2^-9 (0x01), so q = w * 2688 * 512 =
@@ -104,7 +129,7 @@ def test_activation_worked_bytes():
     # r = 1 / (1 * 1) = 1, codes as the weight ties row. A zero block stores scale 0x00, codes 0
     # (no 1.0 substitution). A tiny block (amax 1e-5): s = 1e-5 / 6 = 1.7e-6 < 2^-10 -> fp8 0, so
     # r = 0 and every code is 0 (the weight rule would clamp s to 2^-9 instead).
-    ties = [.25, .75, 1.25, 1.75, 2.5, 3.5, 5, 6, -.25, -.75, -1.25, -1.75, -2.5, -3.5, -5, 0]
+    ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, 6, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5, 0]
     x = torch.tensor([ties + [0.0] * 16 + [1e-5, -1e-5] * 8])
     packed, block_scale = nvfp4.quantize_activation(x, 1.0)
     assert block_scale.view(torch.uint8).tolist() == [[0x38, 0x00, 0x00]]
@@ -158,12 +183,19 @@ def nearest_e2m1(value: float) -> float:
 
 
 finite_floats = st.floats(allow_nan=False, allow_infinity=False, width=32)
-e2m1_neighbourhood = st.sampled_from([0, .25, .5, .75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6])
+e2m1_neighbourhood = st.sampled_from(
+    [0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6]
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(finite_floats, e2m1_neighbourhood, e2m1_neighbourhood.map(lambda v: -v)),
-                min_size=1, max_size=64))
+@given(
+    st.lists(
+        st.one_of(finite_floats, e2m1_neighbourhood, e2m1_neighbourhood.map(lambda v: -v)),
+        min_size=1,
+        max_size=64,
+    )
+)
 def test_decode_encode_is_nearest_with_ties_to_even(values):
     x = torch.tensor(values, dtype=torch.float32)
     codes = nvfp4.encode_e2m1(x)

@@ -34,6 +34,17 @@ E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch
 _SIGNED_VALUES = torch.cat([E2M1_VALUES, -E2M1_VALUES])  # indexed by code 0..15
 _SIGNED_VALUES[8] = 0.0  # code 0x8 (-0) decodes to +0.0, as in ModelOpt's table
 _MIN_SCALE = torch.finfo(torch.float32).tiny  # global scales must be normal: see _as_scale
+# Each bound between E2M1 magnitudes adds one index step; a value exactly at a bound rounds up
+# (`>=`) when that lands on the even index, else down (`>`): round half to even.
+_INDEX_STEPS = (
+    (0.25, False),
+    (0.75, True),
+    (1.25, False),
+    (1.75, True),
+    (2.5, False),
+    (3.5, True),
+    (5.0, False),
+)
 _ONE_SIXTH = torch.tensor(1.0 / 6.0, dtype=torch.float32)
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -91,10 +102,8 @@ def encode_e2m1(x: torch.Tensor) -> torch.Tensor:
         raise NumericsError(f"encode_e2m1 needs a float tensor, found {x.dtype}")
     _require_finite("encode_e2m1 input", x)
     a = x.abs()
-    # Each comparison adds one index step; `>=` at a tie rounds up (to the even index), `>` down.
-    index = (a > 0.25).to(torch.uint8)
-    for bound, up_at_tie in ((0.75, True), (1.25, False), (1.75, True), (2.5, False),
-                             (3.5, True), (5.0, False)):
+    index = torch.zeros_like(a, dtype=torch.uint8)
+    for bound, up_at_tie in _INDEX_STEPS:
         index += (a >= bound) if up_at_tie else (a > bound)
     return index | ((x < 0).to(torch.uint8) << 3)
 
@@ -196,8 +205,10 @@ def quantize_weight(
 def _require_scales(packed: torch.Tensor, block_scale: torch.Tensor) -> None:
     _require_dtype("packed", packed, (torch.uint8,))
     _require_dtype("block_scale", block_scale, (torch.float8_e4m3fn,))
-    if packed.dim() < 1 or block_scale.shape[:-1] != packed.shape[:-1] or (
-        block_scale.shape[-1] * (BLOCK // 2) != packed.shape[-1]
+    if (
+        packed.dim() < 1
+        or block_scale.shape[:-1] != packed.shape[:-1]
+        or (block_scale.shape[-1] * (BLOCK // 2) != packed.shape[-1])
     ):
         raise NumericsError(
             f"packed {tuple(packed.shape)} and block_scale {tuple(block_scale.shape)} disagree: "

@@ -1,0 +1,26 @@
+"""Quantized checkpoints: ModelOpt and compressed-tensors configs, read into one per-layer answer
+(:class:`QuantConfig`), NVFP4 tensors read from sharded safetensors (:class:`Checkpoint`), and
+16-bit models quantized and written in either format (:func:`write_checkpoint`)."""
+
+from quantoracle.schemes.checkpoint.config import QuantConfig
+from quantoracle.schemes.checkpoint.detect import load_quant_config
+from quantoracle.schemes.checkpoint.reader import Checkpoint, LayerEntry
+from quantoracle.schemes.checkpoint.storage import SafetensorsDirectory
+from quantoracle.schemes.checkpoint.writer import (
+    DEFAULT_EXCLUDE,
+    quantize_checkpoint,
+    quantize_state_dict,
+    write_checkpoint,
+)
+
+__all__ = [
+    "QuantConfig",
+    "load_quant_config",
+    "Checkpoint",
+    "LayerEntry",
+    "SafetensorsDirectory",
+    "DEFAULT_EXCLUDE",
+    "quantize_state_dict",
+    "write_checkpoint",
+    "quantize_checkpoint",
+]
