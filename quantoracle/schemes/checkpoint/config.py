@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from functools import cached_property
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -63,8 +64,16 @@ class QuantConfig:
         """The same config with another activation override."""
         return dataclasses.replace(self, override_activation=override_activation)
 
+    @cached_property
+    def _exclude_split(self) -> tuple[frozenset[str], tuple[str, ...]]:
+        """(exact names, patterns): a set lookup first keeps long exclude lists fast."""
+        wildcard = [p for p in self.exclude if p.startswith("re:") or any(c in p for c in "*?[")]
+        return frozenset(self.exclude) - frozenset(wildcard), tuple(wildcard)
+
     def excluded(self, name: str) -> bool:
-        return any(matches(name, pattern) for pattern in self.exclude)
+        """Whether an exclude entry matches ``name`` (see :func:`matches`)."""
+        names, patterns = self._exclude_split
+        return name in names or any(matches(name, pattern) for pattern in patterns)
 
     def scheme_for(self, module_name: str) -> Scheme | None:
         """The scheme of module ``module_name``, or None if it is not quantized.
