@@ -13,9 +13,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from quantoracle.errors import CheckpointFormatError, ProblemError
 from quantoracle.oracle import Device, ParallelConfig, Problem, Resolution, resolve
 from quantoracle.oracle.engine import ActivationFallback
 from quantoracle.oracle.registry import Registry
+from quantoracle.schemes.checkpoint import Checkpoint, LayerEntry
 from quantoracle.schemes.scheme import W4A16_NVFP4, Scheme
 from quantoracle.schemes.tensors import MoEWeights, NVFP4Tensor
 
@@ -34,6 +36,9 @@ class _ResolvedLayer(nn.Module):
 
     def _setup(self, weights: Any, problem: Problem, options: dict[str, Any], name: str | None) -> None:
         self.layer_name = name
+        self.weight_bytes = weights.nbytes if isinstance(weights, NVFP4Tensor) else (
+            weights.gate_up.nbytes + weights.down.nbytes
+        )
         self.resolution = resolve(problem, **options)
         self.prepared = self.resolution.backend.prepare(weights, self.resolution.effective_problem)
 
@@ -49,6 +54,16 @@ class _ResolvedLayer(nn.Module):
         if res.problem.parallel != ParallelConfig():
             text += f", parallel={res.problem.parallel}"
         return text
+
+
+def _entry(checkpoint: Checkpoint, name: str) -> LayerEntry:
+    entries = {entry.name: entry for entry in checkpoint.layers()}
+    if name not in entries:
+        raise CheckpointFormatError(
+            f"{checkpoint.directory}: no quantized layer {name!r}; quantized layers: "
+            f"{', '.join(list(entries)[:8])}{', ...' if len(entries) > 8 else ''}"
+        )
+    return entries[name]
 
 
 def _all_reduce(y: torch.Tensor, group: Any) -> torch.Tensor:
@@ -113,6 +128,29 @@ class NVFP4Linear(_ResolvedLayer):
                 raise ValueError("a W4A4 scheme needs input_amax (the calibrated max |x| of the input)")
             amax = torch.tensor([float(input_amax)], device=weight.device)
         return cls(NVFP4Tensor.quantize(weight, input_amax=amax), bias, scheme=scheme, **options)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: Checkpoint,
+        name: str,
+        *,
+        device: torch.device | str | None = None,
+        parallel: ParallelConfig = ParallelConfig(),
+        **options: Any,
+    ) -> "NVFP4Linear":
+        """Linear ``name`` of a checkpoint, on ``device``, with the checkpoint's scheme (after its
+        activation override). Under tensor parallelism only this rank's rows (column-parallel)
+        or columns (row-parallel) are read from disk."""
+        entry = _entry(checkpoint, name)
+        shard = None
+        if parallel.tp_size > 1:
+            dim = "rows" if parallel.tp_dim == "column" else "cols"
+            shard = (dim, parallel.tp_rank, parallel.tp_size)
+        weight = checkpoint.linear(name, shard=shard)
+        if device is not None:
+            weight = weight.to(device)
+        return cls(weight, scheme=entry.scheme, parallel=parallel, name=name, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.resolution.problem.parallel
@@ -196,6 +234,36 @@ class NVFP4FusedMoE(_ResolvedLayer):
             NVFP4Tensor.quantize(down, input_amax=amax[1]),
         )
         return cls(weights, top_k=top_k, scheme=scheme, **options)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: Checkpoint,
+        prefix: str,
+        *,
+        top_k: int,
+        device: torch.device | str | None = None,
+        parallel: ParallelConfig = ParallelConfig(),
+        **options: Any,
+    ) -> "NVFP4FusedMoE":
+        """The experts of MoE block ``prefix`` (``...mlp.experts``) of a checkpoint, on
+        ``device``. Only this rank's experts (expert parallelism) and intermediate slice (tensor
+        parallelism) are read from disk."""
+        entry = _entry(checkpoint, prefix)
+        experts = None
+        if parallel.ep_size > 1:
+            if entry.experts % parallel.ep_size:
+                raise ProblemError(
+                    f"{prefix}: experts={entry.experts} is not divisible by ep_size={parallel.ep_size}"
+                )
+            local = entry.experts // parallel.ep_size
+            experts = range(parallel.ep_rank * local, (parallel.ep_rank + 1) * local)
+        tp = (parallel.tp_rank, parallel.tp_size) if parallel.tp_size > 1 else None
+        weights = checkpoint.moe(prefix, experts=experts, tp=tp)
+        if device is not None:
+            weights = weights.to(device)
+        return cls(weights, top_k=top_k, experts=entry.experts, scheme=entry.scheme,
+                   parallel=parallel, name=prefix, **options)
 
     def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(topk_weights float32 [M, k], topk_ids int64 [M, k])`` from logits ``[M, E]``."""
