@@ -92,6 +92,50 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resolve(args: argparse.Namespace) -> int:
+    from quantoracle.inspect import describe_force, parse_force, resolve_checkpoint
+
+    force = parse_force(args.force)
+    result = resolve_checkpoint(
+        args.path, _device(args.device), dtype=args.dtype, top_k=args.top_k,
+        override_activation=args.override_activation, activation_fallback=args.activation_fallback,
+        force=force, exclude=tuple(args.exclude or ()),
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 1 if result.unserved else 0
+    print(f"checkpoint {result.directory}: device {result.device}, activations {args.dtype}, "
+          f"top-k {result.top_k} ({result.top_k_source}), activation_fallback={args.activation_fallback}, "
+          f"override_activation={args.override_activation or 'none given'}, force={describe_force(force)}")
+    rows = []
+    for g in result.groups:
+        p = g.problem
+        shape = f"n={p.n} k={p.k}" if p.kind == "linear" else f"E={p.experts} H={p.k} I={p.n} top{p.top_k}"
+        names = g.names[0] if len(g.names) == 1 else f"{len(g.names)} layers ({g.names[0]}, ...)"
+        fallback = getattr(g.outcome, "fallback", None) or "-"
+        rows.append([names, p.kind, shape, p.scheme.name, g.backend or "NONE", fallback])
+    print(table(["layers", "kind", "shape", "scheme", "backend", "fallback"], rows))
+    for g in result.groups:
+        print(f"\n{g.names[0]}{f' and {len(g.names) - 1} more' if len(g.names) > 1 else ''}:")
+        print(str(g.outcome) if g.backend is None else g.outcome.explain())
+    return 1 if result.unserved else 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from quantoracle.schemes.checkpoint import DEFAULT_EXCLUDE, quantize_checkpoint
+
+    amax = None
+    if args.input_amax:
+        with open(args.input_amax) as f:
+            amax = json.load(f)
+    path = quantize_checkpoint(
+        args.src, args.dst, args.scheme, format=args.format,
+        exclude=tuple(args.exclude) if args.exclude else DEFAULT_EXCLUDE, input_amax=amax,
+    )
+    print(f"wrote {args.format} {args.scheme} checkpoint to {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from quantoracle import demo
 
@@ -144,6 +188,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_matrix)
 
+    p = sub.add_parser("resolve", help="resolve every quantized layer of a checkpoint directory")
+    p.add_argument("path")
+    p.add_argument("--device", default=None, help="cpu, sm80, sm90, sm100, ... (default: this machine)")
+    p.add_argument("--dtype", default="bfloat16", choices=ACTIVATION_DTYPES)
+    p.add_argument("--top-k", type=int, default=None, help="experts per token (default: config.json)")
+    p.add_argument("--override-activation", default=None, choices=["none"],
+                   help="'none' serves a W4A4 checkpoint weight-only")
+    p.add_argument("--activation-fallback", default="weight_only", choices=FALLBACKS)
+    p.add_argument("--force", action="append", metavar="BACKEND|GLOB=BACKEND",
+                   help="one backend for every layer, or per layer-name glob (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="BACKEND")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_resolve)
+
+    p = sub.add_parser("quantize", help="quantize a 16-bit safetensors model directory to NVFP4")
+    p.add_argument("src", help="a transformers model directory (config.json + *.safetensors)")
+    p.add_argument("dst", help="the new checkpoint directory (must not exist or be empty)")
+    p.add_argument("--scheme", default="w4a16_nvfp4", choices=["w4a16_nvfp4", "w4a4_nvfp4"])
+    p.add_argument("--format", default="modelopt", choices=["modelopt", "compressed-tensors"])
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="modules kept 16-bit (repeatable)")
+    p.add_argument("--input-amax", metavar="JSON",
+                   help="W4A4: a JSON object, module name -> calibrated max |input|")
+    p.set_defaults(run=cmd_quantize)
+
     p = sub.add_parser("demo", help="write a small NVFP4 MoE checkpoint, resolve and run it, compare with bf16")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if present)")
     p.add_argument("--json", action="store_true")
@@ -157,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (QuantoracleError, ValueError) as err:
+    except (QuantoracleError, ValueError, FileExistsError) as err:
         print(f"quantoracle {args.command}: {err}", file=sys.stderr)
         return 2
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from fnmatch import fnmatchcase
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal
@@ -20,6 +21,16 @@ FALLBACKS: tuple[ActivationFallback, ...] = ("weight_only", "emulate", "error")
 ENV_BACKEND = "QUANTORACLE_BACKEND"
 
 Rejections = Mapping[str, tuple[RuleFailure, ...]]
+Force = str | Mapping[str, str] | None
+
+
+def force_for_layer(force: Force, layer: str) -> str | None:
+    """The backend ``force`` names for ``layer``: ``force`` itself when it is a name, else the
+    value of the first layer-name glob (fnmatch) that matches; ``None`` (resolve as usual) when
+    no glob matches, so a model-wide override never aborts on a layer it does not name."""
+    if force is None or isinstance(force, str):
+        return force
+    return next((backend for glob, backend in force.items() if fnmatchcase(layer, glob)), None)
 
 
 @dataclass(frozen=True)
