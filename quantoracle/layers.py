@@ -35,11 +35,12 @@ class _ResolvedLayer(nn.Module):
     resolution: Resolution
 
     def _setup(self, weights: Any, problem: Problem, options: dict[str, Any], name: str | None) -> None:
+        _check_group(problem, self.group)
         self.layer_name = name
         self.weight_bytes = weights.nbytes if isinstance(weights, NVFP4Tensor) else (
             weights.gate_up.nbytes + weights.down.nbytes
         )
-        self.resolution = resolve(problem, **options)
+        self.resolution = _resolve(problem, options)
         self.prepared = self.resolution.backend.prepare(weights, self.resolution.effective_problem)
 
     @property
@@ -54,6 +55,45 @@ class _ResolvedLayer(nn.Module):
         if res.problem.parallel != ParallelConfig():
             text += f", parallel={res.problem.parallel}"
         return text
+
+
+_RESOLVE_OPTIONS = ("force", "exclude", "activation_fallback", "registry")
+
+
+def _resolve(problem: Problem, options: dict[str, Any]) -> Resolution:
+    return resolve(problem, **{key: options[key] for key in _RESOLVE_OPTIONS if key in options})
+
+
+def _linear_problem(scheme: Scheme, device: Any, dtype: torch.dtype, n: int, k: int,
+                    parallel: ParallelConfig) -> Problem:
+    return Problem(kind="linear", scheme=scheme, device=Device.of(device), dtype=_dtype_name(dtype),
+                   n=n, k=k, parallel=parallel)
+
+
+def _moe_problem(scheme: Scheme, device: Any, dtype: torch.dtype, experts: int, hidden: int,
+                 intermediate: int, top_k: int, activation: str, parallel: ParallelConfig) -> Problem:
+    return Problem(kind="moe", scheme=scheme, device=Device.of(device), dtype=_dtype_name(dtype),
+                   n=intermediate, k=hidden, experts=experts, top_k=top_k, moe_activation=activation,
+                   parallel=parallel)
+
+
+def _check_group(problem: Problem, group: Any) -> None:
+    """A sharded layer's process group must hold exactly the ranks its ParallelConfig splits
+    over (tp_size for a Linear; tp_size * ep_size for MoE, rank = ep_rank * tp_size + tp_rank)."""
+    p = problem.parallel
+    ranks = p.tp_size * p.ep_size
+    if ranks == 1:
+        return
+    if not dist.is_available() or not dist.is_initialized():
+        raise ProblemError(f"{p} needs torch.distributed: call init_process_group first")
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    expected = p.ep_rank * p.tp_size + p.tp_rank
+    if size != ranks or rank != expected:
+        raise ProblemError(
+            f"{p} (tp_rank={p.tp_rank}, ep_rank={p.ep_rank}) needs a process group of {ranks} ranks "
+            f"where this one is rank {expected}; the group has {size} ranks and this is rank {rank}: "
+            "pass group= with exactly the layer's ranks, ordered rank = ep_rank * tp_size + tp_rank"
+        )
 
 
 def _entry(checkpoint: Checkpoint, name: str) -> LayerEntry:
@@ -101,10 +141,7 @@ class NVFP4Linear(_ResolvedLayer):
         column = parallel.tp_dim == "column"
         n = weight.rows * (parallel.tp_size if column else 1)
         k = weight.cols * (1 if column else parallel.tp_size)
-        problem = Problem(
-            kind="linear", scheme=scheme, device=Device.of(weight.packed.device),
-            dtype=_dtype_name(dtype), n=n, k=k, parallel=parallel,
-        )
+        problem = _linear_problem(scheme, weight.packed.device, dtype, n, k, parallel)
         self.in_features, self.out_features, self.dtype, self.group = k, n, dtype, group
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
         options = dict(force=force, exclude=exclude, activation_fallback=activation_fallback, registry=registry)
@@ -143,6 +180,9 @@ class NVFP4Linear(_ResolvedLayer):
         activation override). Under tensor parallelism only this rank's rows (column-parallel)
         or columns (row-parallel) are read from disk."""
         entry = _entry(checkpoint, name)
+        # resolve before reading: a sharding no backend serves is explained, not half-read
+        _resolve(_linear_problem(entry.scheme, device or "cpu", options.get("dtype", torch.bfloat16),
+                                 entry.n, entry.k, parallel), options)
         shard = None
         if parallel.tp_size > 1:
             dim = "rows" if parallel.tp_dim == "column" else "cols"
@@ -201,11 +241,8 @@ class NVFP4FusedMoE(_ResolvedLayer):
     ) -> None:
         super().__init__()
         experts = experts if experts is not None else weights.experts * parallel.ep_size
-        problem = Problem(
-            kind="moe", scheme=scheme, device=Device.of(weights.gate_up.packed.device),
-            dtype=_dtype_name(dtype), n=weights.intermediate * parallel.tp_size, k=weights.hidden,
-            experts=experts, top_k=top_k, moe_activation=activation, parallel=parallel,
-        )
+        problem = _moe_problem(scheme, weights.gate_up.packed.device, dtype, experts, weights.hidden,
+                               weights.intermediate * parallel.tp_size, top_k, activation, parallel)
         self.num_experts, self.top_k, self.renormalize = experts, top_k, renormalize
         self.dtype, self.group = dtype, group
         options = dict(force=force, exclude=exclude, activation_fallback=activation_fallback, registry=registry)
@@ -250,12 +287,12 @@ class NVFP4FusedMoE(_ResolvedLayer):
         ``device``. Only this rank's experts (expert parallelism) and intermediate slice (tensor
         parallelism) are read from disk."""
         entry = _entry(checkpoint, prefix)
+        # resolve before reading (this also rejects experts not divisible by ep_size)
+        _resolve(_moe_problem(entry.scheme, device or "cpu", options.get("dtype", torch.bfloat16), entry.experts,
+                              entry.hidden, entry.intermediate, top_k, options.get("activation", "silu"), parallel),
+                 options)
         experts = None
         if parallel.ep_size > 1:
-            if entry.experts % parallel.ep_size:
-                raise ProblemError(
-                    f"{prefix}: experts={entry.experts} is not divisible by ep_size={parallel.ep_size}"
-                )
             local = entry.experts // parallel.ep_size
             experts = range(parallel.ep_rank * local, (parallel.ep_rank + 1) * local)
         tp = (parallel.tp_rank, parallel.tp_size) if parallel.tp_size > 1 else None

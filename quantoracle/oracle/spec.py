@@ -160,9 +160,9 @@ class Problem(_Frozen):
         else:
             if (self.experts, self.top_k, self.moe_activation) != (None, None, None) or p.ep_size != 1:
                 raise ProblemError("a Linear problem has no experts, top_k, moe_activation or ep_size")
-        split = self.n if self.kind == "moe" or p.tp_dim == "column" else self.k
+        dim = "n" if self.kind == "moe" or p.tp_dim == "column" else "k"
+        split = getattr(self, dim)
         if split % p.tp_size:
-            dim = "n" if split is self.n else "k"
             raise ProblemError(f"{dim}={split} is not divisible by tp_size={p.tp_size}")
         return self
 
