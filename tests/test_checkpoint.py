@@ -178,22 +178,24 @@ def _write(tmp_path, name, content):
     (tmp_path / name).write_text(content if isinstance(content, str) else json.dumps(content))
 
 
-def test_load_quant_config_detects_the_format(tmp_path):
+def test_load_quant_config_finds_the_config_as_vllm_does(tmp_path):
+    hf_w4a16 = {"quantization": {**MODELOPT_NVFP4["quantization"], "quant_algo": "W4A16_NVFP4"}}
+    _write(tmp_path, "hf_quant_config.json", hf_w4a16)
+    _write(tmp_path, "config.json", {"model_type": "x"})
+    config = load_quant_config(tmp_path)  # no quantization_config: hf_quant_config.json
+    assert config.source.endswith("hf_quant_config.json")
+    assert config.scheme_for("a.q_proj") == W4A16_NVFP4
+    _write(tmp_path, "config.json", {"quantization_config": {"quant_library": "modelopt"}})
+    assert load_quant_config(tmp_path).source.endswith("hf_quant_config.json")  # older exports
+    # compressed-tensors' ModelOpt converter keeps a stale hf_quant_config.json: config.json wins
     _write(tmp_path, "config.json", {"model_type": "x", "quantization_config": CT_NVFP4})
     assert load_quant_config(tmp_path).format == "compressed-tensors"
     _write(tmp_path, "config.json", {"quantization_config": MODELOPT_CONFIG_JSON})
-    assert load_quant_config(tmp_path).format == "modelopt"
-    _write(
-        tmp_path,
-        "hf_quant_config.json",
-        {"quantization": {**MODELOPT_NVFP4["quantization"], "quant_algo": "W4A16_NVFP4"}},
+    config = load_quant_config(tmp_path, override_activation="none")
+    assert config.format == "modelopt" and config.source.endswith(
+        "config.json: quantization_config"
     )
-    config = load_quant_config(tmp_path)  # hf_quant_config.json wins
-    assert (
-        config.source.endswith("hf_quant_config.json")
-        and config.scheme_for("a.q_proj") == W4A16_NVFP4
-    )
-    assert load_quant_config(tmp_path, override_activation="none").override_activation == "none"
+    assert config.scheme_for("a.q_proj") == W4A16_NVFP4  # NVFP4 served weight-only
 
 
 @pytest.mark.parametrize(

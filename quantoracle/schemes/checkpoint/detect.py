@@ -28,37 +28,37 @@ def read_json(path: Path) -> Any:
 def load_quant_config(
     checkpoint_dir: str | Path, override_activation: ActivationOverride | None = None
 ) -> QuantConfig:
-    """The :class:`QuantConfig` of a checkpoint directory.
+    """The :class:`QuantConfig` of a checkpoint directory, found as vLLM finds it.
 
-    ``hf_quant_config.json`` (ModelOpt) wins when present; otherwise ``config.json``'s
-    ``quantization_config`` with ``quant_method`` "modelopt" or "compressed-tensors".
-    ``override_activation="none"`` serves every W4A4 layer weight-only. Raises
-    CheckpointFormatError when neither file holds a quantization config, for malformed JSON, an
-    unknown quant_method or quant_algo, or an unsupported group.
+    ``config.json``'s ``quantization_config`` wins when its ``quant_method`` is "modelopt" or
+    "compressed-tensors" (compressed-tensors' ModelOpt converter leaves a stale
+    ``hf_quant_config.json`` beside it); otherwise ``hf_quant_config.json`` (ModelOpt, also
+    older exports whose config.json lacks quant_method). ``override_activation="none"`` serves
+    every W4A4 layer weight-only. Raises CheckpointFormatError when no file holds a quantization
+    config, for malformed JSON, an unknown quant_method or quant_algo, or an unsupported group.
     """
     directory = Path(checkpoint_dir)
-    if (directory / HF_QUANT_CONFIG).is_file():
-        path = directory / HF_QUANT_CONFIG
-        config = modelopt.parse_hf_quant_config(read_json(path), str(path))
-        return config.with_override(override_activation)
     path = directory / CONFIG
     data = read_json(path) if path.is_file() else {}
     section = data.get("quantization_config") if isinstance(data, dict) else None
-    if section is None:
-        raise CheckpointFormatError(
-            f"{directory}: no quantization config: expected {HF_QUANT_CONFIG} or a {CONFIG} with "
-            "quantization_config; quantize the model first (quantize_checkpoint)"
-        )
     method = section.get("quant_method") if isinstance(section, dict) else None
     source = f"{path}: quantization_config"
     if method == "modelopt":
         config = modelopt.parse_quantization_config(section, source)
     elif method == "compressed-tensors":
         config = compressed_tensors.parse_quantization_config(section, source)
-    else:
+    elif (directory / HF_QUANT_CONFIG).is_file():
+        path = directory / HF_QUANT_CONFIG
+        config = modelopt.parse_hf_quant_config(read_json(path), str(path))
+    elif section is not None:
         raise CheckpointFormatError(
             f'{source}: quant_method {method!r} is not supported; quantoracle reads "modelopt" '
             'and "compressed-tensors"'
+        )
+    else:
+        raise CheckpointFormatError(
+            f"{directory}: no quantization config: expected {HF_QUANT_CONFIG} or a {CONFIG} with "
+            "quantization_config; quantize the model first (quantize_checkpoint)"
         )
     return config.with_override(override_activation)
 
