@@ -112,11 +112,8 @@ def test_write_read_dequantize_equals_quantize_dequantize(tmp_path, fmt, scheme)
     with Checkpoint.open(directory) as checkpoint:
         entries = {e.name: e for e in checkpoint.layers()}
         assert sorted(entries) == sorted([EXPERTS, *QKV, f"{LAYER}.self_attn.o_proj"])
-        assert (
-            entries[EXPERTS].experts,
-            entries[EXPERTS].hidden,
-            entries[EXPERTS].intermediate,
-        ) == (E, H, I)
+        moe_entry = entries[EXPERTS]
+        assert (moe_entry.experts, moe_entry.hidden, moe_entry.intermediate) == (E, H, I)
         assert {e.scheme for e in entries.values()} == {scheme}
 
         # q/k/v share one scale_2 from the group's max amax (k's); the reader gives back exactly
@@ -127,9 +124,8 @@ def test_write_read_dequantize_equals_quantize_dequantize(tmp_path, fmt, scheme)
         stored = group_scale if fmt == "modelopt" else 1.0 / group_scale
         for module in QKV:
             read = checkpoint.linear(module)
-            assert (
-                read.global_scale.item() == (stored if fmt == "modelopt" else 1.0 / stored).item()
-            )
+            served = stored if fmt == "modelopt" else 1.0 / stored
+            assert read.global_scale.item() == served.item()
             packed, block_scale, scale_2 = nvfp4.quantize_weight(
                 tensors[module + ".weight"], read.global_scale[0]
             )
@@ -186,49 +182,52 @@ def test_round_trip_property(fmt, scheme, rows, blocks, log_scale, input_amax, s
     if fmt == "compressed-tensors":  # stored as 1/x, read through 1/x
         scale_2, input_scale = 1.0 / (1.0 / scale_2), 1.0 / (1.0 / input_scale)
     assert read.global_scale.tolist() == [scale_2.item()]
-    assert (
-        read.input_scale is None
-        if scheme.weight_only
-        else read.input_scale.tolist() == [input_scale.item()]
-    )
+    if scheme.weight_only:
+        assert read.input_scale is None
+    else:
+        assert read.input_scale.tolist() == [input_scale.item()]
     packed, block_scale, _ = nvfp4.quantize_weight(w, scale_2)
     assert same(read.packed, packed) and same(read.block_scale, block_scale)
     assert torch.equal(read.dequantize(), nvfp4.dequantize(packed, block_scale, scale_2))
 
 
+def dtypes_and_shapes(files: dict[str, torch.Tensor], module: str) -> dict[str, tuple]:
+    prefix = module + "."
+    return {
+        n[len(prefix) :]: (t.dtype, tuple(t.shape))
+        for n, t in files.items()
+        if n.startswith(prefix)
+    }
+
+
 def test_modelopt_files_hold_modelopt_names_dtypes_and_shapes(tmp_path):
     directory = write(tmp_path, "modelopt", W4A4_NVFP4)
     files = load_file(directory / "model.safetensors")
-    q = QKV[0]
-    assert files[q + ".weight"].dtype == torch.uint8 and files[q + ".weight"].shape == (32, H // 2)
-    assert files[q + ".weight_scale"].dtype == torch.float8_e4m3fn and files[
-        q + ".weight_scale"
-    ].shape == (32, H // 16)
-    assert files[q + ".weight_scale_2"].shape == () and files[q + ".input_scale"].shape == ()
+    assert dtypes_and_shapes(files, QKV[0]) == {
+        "weight": (torch.uint8, (32, H // 2)),
+        "weight_scale": (torch.float8_e4m3fn, (32, H // 16)),
+        "weight_scale_2": (torch.float32, ()),
+        "input_scale": (torch.float32, ()),
+    }
     assert files["lm_head.weight"].dtype == torch.bfloat16
     assert f"{EXPERTS}.0.gate_proj.weight" in files and f"{EXPERTS}.gate_up_proj" not in files
-    config = json.loads((directory / "hf_quant_config.json").read_text())
-    assert config["quantization"]["exclude_modules"] == [
-        "lm_head",
-        "model.embed_tokens",
-        f"{LAYER}.mlp.gate",
-    ]
+    config = json.loads((directory / "hf_quant_config.json").read_text())["quantization"]
+    assert config["exclude_modules"] == ["lm_head", "model.embed_tokens", f"{LAYER}.mlp.gate"]
 
 
 def test_compressed_tensors_files_hold_reciprocal_globals(tmp_path):
     directory = write(tmp_path, "compressed-tensors", W4A4_NVFP4)
     files = load_file(directory / "model.safetensors")
-    q = QKV[0]
-    assert files[q + ".weight_packed"].dtype == torch.uint8
-    assert files[q + ".weight_global_scale"].shape == (1,) and files[
-        q + ".input_global_scale"
-    ].shape == (1,)
-    assert files[q + ".weight_global_scale"].item() > 1  # 1/scale_2
+    assert dtypes_and_shapes(files, QKV[0]) == {
+        "weight_packed": (torch.uint8, (32, H // 2)),
+        "weight_scale": (torch.float8_e4m3fn, (32, H // 16)),
+        "weight_global_scale": (torch.float32, (1,)),
+        "input_global_scale": (torch.float32, (1,)),
+    }
+    assert files[QKV[0] + ".weight_global_scale"].item() > 1  # 1/scale_2
     config = json.loads((directory / "config.json").read_text())["quantization_config"]
-    assert (
-        config["format"] == "nvfp4-pack-quantized"
-        and config["config_groups"]["group_0"]["input_activations"]
-    )
+    assert config["format"] == "nvfp4-pack-quantized"
+    assert config["config_groups"]["group_0"]["input_activations"]["strategy"] == "tensor_group"
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -245,10 +244,7 @@ def test_mixtral_experts_keep_w1_w3_w2_in_modelopt(tmp_path):
     tensors = tiny_moe(prefix)
     out = quantize_state_dict(tensors, W4A16_NVFP4, "modelopt")
     assert f"{prefix}.2.w1.weight" in out and f"{prefix}.2.w2.weight_scale" in out
-    assert (
-        f"{LAYER}.block_sparse_moe.gate.weight" in out
-        and out[f"{LAYER}.block_sparse_moe.gate.weight"].dtype == torch.bfloat16
-    )
+    assert out[f"{LAYER}.block_sparse_moe.gate.weight"].dtype == torch.bfloat16  # the router
     ct = quantize_state_dict(tensors, W4A16_NVFP4, "compressed-tensors")
     assert f"{prefix}.2.gate_proj.weight_packed" in ct
     # per-expert w1/w3/w2 sources keep their names; w1 and w3 share a scale
@@ -263,7 +259,6 @@ def test_mixtral_experts_keep_w1_w3_w2_in_modelopt(tmp_path):
 
 def test_differing_gate_and_up_scales_are_kept_not_requantized(tmp_path):
     gate_w, up_w, down_w = bf16(I, H, seed=1), bf16(I, H, seed=2, scale=1.0), bf16(H, I, seed=3)
-    tensors = {"config": None}
     tensors = {}
     for e in range(2):
         for name, w in (("gate_proj", gate_w), ("up_proj", up_w), ("down_proj", down_w)):
@@ -294,10 +289,8 @@ def test_override_activation_serves_w4a4_weight_only(tmp_path):
     directory = write(tmp_path, "modelopt", W4A4_NVFP4)
     with Checkpoint.open(directory, override_activation="none") as checkpoint:
         assert {e.scheme for e in checkpoint.layers()} == {W4A16_NVFP4}
-        assert (
-            checkpoint.linear(QKV[0]).input_scale is None
-            and checkpoint.moe(EXPERTS).gate_up.input_scale is None
-        )
+        assert checkpoint.linear(QKV[0]).input_scale is None
+        assert checkpoint.moe(EXPERTS).gate_up.input_scale is None
 
 
 # ---- sharded files and sharded loading ----
@@ -414,10 +407,8 @@ def test_quantize_checkpoint_from_a_bf16_directory(tmp_path):
         src, tmp_path / "nvfp4", W4A16_NVFP4, format="compressed-tensors", progress=False
     )
     config = json.loads((dst / "config.json").read_text())
-    assert (
-        config["hidden_size"] == H
-        and config["quantization_config"]["quant_method"] == "compressed-tensors"
-    )
+    assert config["hidden_size"] == H
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     assert (dst / "tokenizer.json").exists()
     expected = quantize_state_dict(tensors, W4A16_NVFP4, "compressed-tensors")
     written = load_file(dst / "model.safetensors")
@@ -464,10 +455,8 @@ def test_writer_refuses_excludes_that_split_a_fused_group():
     with pytest.raises(SchemeError, match="w4a16_nvfp4 or w4a4_nvfp4"):
         quantize_state_dict(tiny_moe(), "w8a8_fp8")
     out = quantize_state_dict(tiny_moe(), W4A16_NVFP4, exclude=("*.self_attn.*", f"{EXPERTS}"))
-    assert (
-        out[f"{EXPERTS}.gate_up_proj"].dtype == torch.bfloat16
-        and QKV[0] + ".weight_scale" not in out
-    )
+    assert out[f"{EXPERTS}.gate_up_proj"].dtype == torch.bfloat16
+    assert QKV[0] + ".weight_scale" not in out
 
 
 # ---- malformed checkpoints ----

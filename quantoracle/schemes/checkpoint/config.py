@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from functools import cached_property
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from functools import cached_property
 from typing import Literal
 
 from quantoracle.errors import CheckpointFormatError, SchemeError
