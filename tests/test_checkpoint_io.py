@@ -239,20 +239,24 @@ def test_fused_and_per_expert_sources_give_the_same_checkpoint(fmt):
         assert same(fused[name], split[name]), name
 
 
-def test_mixtral_experts_keep_w1_w3_w2_in_modelopt(tmp_path):
+def test_mixtral_keeps_its_saved_names(tmp_path):
+    # transformers 5 holds Mixtral's block_sparse_moe as `mlp` in memory; the checkpoint gets the
+    # saved names, with w1/w3/w2 experts in ModelOpt and gate/up/down_proj in compressed-tensors.
+    mixtral = {"model_type": "mixtral"}
     prefix = f"{LAYER}.block_sparse_moe.experts"
-    tensors = tiny_moe(prefix)
-    out = quantize_state_dict(tensors, W4A16_NVFP4, "modelopt")
+    out = quantize_state_dict(tiny_moe(), W4A16_NVFP4, "modelopt", config=mixtral)
     assert f"{prefix}.2.w1.weight" in out and f"{prefix}.2.w2.weight_scale" in out
     assert out[f"{LAYER}.block_sparse_moe.gate.weight"].dtype == torch.bfloat16  # the router
-    ct = quantize_state_dict(tensors, W4A16_NVFP4, "compressed-tensors")
+    assert not [n for n in out if ".mlp." in n]
+    ct = quantize_state_dict(tiny_moe(), W4A16_NVFP4, "compressed-tensors", config=mixtral)
     assert f"{prefix}.2.gate_proj.weight_packed" in ct
-    # per-expert w1/w3/w2 sources keep their names; w1 and w3 share a scale
-    from_split = quantize_state_dict(
-        per_expert(tensors, ("w1", "w3", "w2")), W4A16_NVFP4, "modelopt"
+    # the on-disk per-expert w1/w3/w2 model gives the same checkpoint; w1 and w3 share a scale
+    saved = {n.replace(".mlp.", ".block_sparse_moe."): t for n, t in tiny_moe().items()}
+    from_disk = quantize_state_dict(per_expert(saved, ("w1", "w3", "w2")), W4A16_NVFP4, "modelopt")
+    assert from_disk.keys() == out.keys() and all(same(out[n], from_disk[n]) for n in out)
+    directory = write_checkpoint(
+        tmp_path / "mixtral", tiny_moe(), W4A16_NVFP4, config=mixtral, progress=False
     )
-    assert all(same(out[n], from_split[n]) for n in out)
-    directory = write_checkpoint(tmp_path / "mixtral", tensors, W4A16_NVFP4, progress=False)
     with Checkpoint.open(directory) as checkpoint:
         assert checkpoint.moe(prefix).experts == E
 

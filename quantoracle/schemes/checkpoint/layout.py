@@ -100,6 +100,12 @@ FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
 }
 """Serving engines fuse these module groups into one layer; they must share a quantization."""
 
+SAVED_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "mixtral": ((".mlp.", ".block_sparse_moe."),),
+}
+"""model_type -> (in-memory, saved) name substrings. transformers 5 renames these modules in
+memory; checkpoints keep the saved names, as ``save_pretrained`` and ModelOpt write them."""
+
 SHARED_SCALE_GROUPS: tuple[tuple[str, ...], ...] = (
     ("q_proj", "k_proj", "v_proj"),
     ("gate_proj", "up_proj"),

@@ -18,6 +18,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from quantoracle.schemes.checkpoint.layout import (
     FORMATS,
     FUSED_EXPERTS,
     LAYOUTS,
+    SAVED_NAMES,
     SHARED_SCALE_GROUPS,
     Format,
     TensorLayout,
@@ -88,7 +90,7 @@ class _Pass:
     """One quantization pass over ``tensors``: planned and checked (schemes, excludes, shapes,
     input amax) before anything is read or written; :meth:`items` then runs it."""
 
-    def __init__(self, tensors, scheme, format, exclude, input_amax):
+    def __init__(self, tensors, scheme, format, exclude, input_amax, config):
         if isinstance(scheme, str):
             scheme = Scheme.from_name(scheme)
         if scheme not in (W4A16_NVFP4, W4A4_NVFP4):
@@ -98,6 +100,8 @@ class _Pass:
                 f"format {format!r}: quantoracle writes {' or '.join(FORMATS)}"
             )
         self.tensors, self.scheme, self.layout = tensors, scheme, LAYOUTS[format]
+        renames = SAVED_NAMES.get((config or {}).get("model_type"), ())
+        self.source = {reduce(lambda n, r: n.replace(*r), renames, n): n for n in tensors}
         self.exclude = tuple(exclude)
         self.excluded: list[str] = []  # module names written 16-bit, for the config
         self.units = self._plan()
@@ -105,9 +109,13 @@ class _Pass:
         self._check_input_amax()
 
     def _shape(self, name: str) -> list[int]:
+        """The shape of output tensor ``name``'s source."""
         if isinstance(self.tensors, SafetensorsDirectory):
-            return self.tensors.header(name)[1]  # without reading the data
-        return list(self.tensors[name].shape)
+            return self.tensors.header(self.source[name])[1]  # without reading the data
+        return list(self.tensors[self.source[name]].shape)
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[self.source[name]]
 
     def _excluded(self, what: str, members: tuple[str, ...]) -> bool:
         """Whether ``members``, served as one layer, are excluded: all or none, else SchemeError."""
@@ -121,7 +129,7 @@ class _Pass:
         return all(flags.values())
 
     def _plan(self) -> list[_Unit]:
-        names = list(self.tensors)
+        names = list(self.source)
         linear = {
             n[: -len(WEIGHT)] for n in names if n.endswith(WEIGHT) and len(self._shape(n)) == 2
         }
@@ -190,12 +198,12 @@ class _Pass:
         """(name, tensor) of the output state dict, unit by unit."""
         for unit in tqdm(self.units, desc="quantize", unit="tensor", disable=not progress):
             if not unit.groups:
-                yield unit.source, self.tensors[unit.source]
+                yield unit.source, self._tensor(unit.source)
             elif unit.source is None:
                 group = unit.groups[0]
-                yield from self._quantize(group, [self.tensors[m + WEIGHT] for m in group])
+                yield from self._quantize(group, [self._tensor(m + WEIGHT) for m in group])
             else:
-                fused = self.tensors[unit.source]
+                fused = self._tensor(unit.source)
                 for e, group in enumerate(unit.groups):
                     yield from self._quantize(group, list(fused[e].chunk(len(group))))
 
@@ -242,6 +250,7 @@ def quantize_state_dict(
     format: Format = "modelopt",
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
     input_amax: Mapping[str, float] | None = None,
+    config: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The quantized state dict, in memory, with the tensor names and layout of ``format``.
@@ -250,10 +259,13 @@ def quantize_state_dict(
     ``scheme``: W4A16_NVFP4 or W4A4_NVFP4 (or their names). ``exclude``: module-name patterns
     kept 16-bit. ``input_amax``: module name -> calibrated max |input|, required for every
     quantized module under W4A4 (input_scale = amax / 2688, the group max for fused groups).
+    ``config``: the model's config.json content; its ``model_type`` restores saved module names
+    that transformers 5 renames in memory (Mixtral's ``mlp`` is saved as ``block_sparse_moe``,
+    its experts as w1/w3/w2 in ModelOpt). ``exclude`` and ``input_amax`` use the saved names.
     Raises SchemeError (unsupported scheme, missing input amax, an exclude that splits a fused
     group), NumericsError (K % 16 != 0, NaN or Inf weights), CheckpointFormatError (bad format).
     """
-    quantization = _Pass(tensors, scheme, format, exclude, input_amax)
+    quantization = _Pass(tensors, scheme, format, exclude, input_amax, config)
     return dict(quantization.items(progress))
 
 
@@ -348,8 +360,8 @@ def write_checkpoint(
     config: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Quantize ``tensors`` (see :func:`quantize_state_dict`) and write a checkpoint to
-    ``dst_dir``, which must not exist or be empty.
+    """Quantize ``tensors`` (see :func:`quantize_state_dict`, also for ``config``) and write a
+    checkpoint to ``dst_dir``, which must not exist or be empty.
 
     Writes ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` shards of at most
     ``max_shard_bytes`` plus ``model.safetensors.index.json``) and, for ModelOpt,
@@ -358,7 +370,7 @@ def write_checkpoint(
     temporary directory renamed at the end. Returns the path. Raises like quantize_state_dict,
     and FileExistsError for a non-empty ``dst_dir``.
     """
-    quantization = _Pass(tensors, scheme, format, exclude, input_amax)
+    quantization = _Pass(tensors, scheme, format, exclude, input_amax, config)
     dst = Path(dst_dir)
     with _atomic_directory(dst) as tmp:
         _write_into(tmp, quantization, max_shard_bytes, config, progress)
@@ -398,7 +410,7 @@ def quantize_checkpoint(
         )
     tensors = SafetensorsDirectory(src)
     try:
-        quantization = _Pass(tensors, scheme, format, exclude, input_amax)
+        quantization = _Pass(tensors, scheme, format, exclude, input_amax, config)
         dst = Path(dst_dir)
         with _atomic_directory(dst) as tmp:
             for file in src.iterdir():
