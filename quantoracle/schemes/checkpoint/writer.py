@@ -123,8 +123,7 @@ class _Pass:
         if len(set(flags.values())) > 1:
             raise SchemeError(
                 f"exclude matches {sorted(m for m, f in flags.items() if f)} but not all of "
-                f"{what}, "
-                "which serving engines run as one layer; exclude all of them or none"
+                f"{what}, which serving engines run as one layer; exclude all of them or none"
             )
         return all(flags.values())
 
