@@ -12,7 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from quantoracle.errors import CheckpointFormatError, NumericsError, ProblemError, SchemeError
+import quantoracle
+from quantoracle.errors import (
+    CheckpointFormatError,
+    NumericsError,
+    ProblemError,
+    SchemeError,
+)
 from quantoracle.schemes import nvfp4
 from quantoracle.schemes.checkpoint import (
     Checkpoint,
@@ -291,7 +297,7 @@ def test_differing_gate_and_up_scales_are_kept_not_requantized(tmp_path):
 
 def test_override_activation_serves_w4a4_weight_only(tmp_path):
     directory = write(tmp_path, "modelopt", W4A4_NVFP4)
-    with Checkpoint.open(directory, override_activation="none") as checkpoint:
+    with quantoracle.load_checkpoint(directory, override_activation="none") as checkpoint:
         assert {e.scheme for e in checkpoint.layers()} == {W4A16_NVFP4}
         assert checkpoint.linear(QKV[0]).input_scale is None
         assert checkpoint.moe(EXPERTS).gate_up.input_scale is None

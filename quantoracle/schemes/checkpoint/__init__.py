@@ -13,10 +13,15 @@ from quantoracle.schemes.checkpoint.writer import (
     write_checkpoint,
 )
 
+load_checkpoint = Checkpoint.open
+"""``load_checkpoint(directory, override_activation=None) -> Checkpoint``: the top-level name
+(``quantoracle.load_checkpoint``) of :meth:`Checkpoint.open`."""
+
 __all__ = [
     "QuantConfig",
     "load_quant_config",
     "Checkpoint",
+    "load_checkpoint",
     "LayerEntry",
     "SafetensorsDirectory",
     "DEFAULT_EXCLUDE",
