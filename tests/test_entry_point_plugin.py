@@ -3,6 +3,7 @@ group: nothing in quantoracle names it."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,10 +21,11 @@ print(json.dumps({"backends": sorted(registry.backends), "chosen": resolve(probl
 
 
 def test_pip_installed_plugin_is_discovered_and_chosen(tmp_path):
-    target = tmp_path / "site"
+    target, source = tmp_path / "site", tmp_path / "example"
+    shutil.copytree(EXAMPLE, source)  # pip builds in the source tree: keep the repository clean
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(target), str(EXAMPLE)],
+         "--no-index", "--target", str(target), str(source)],
         check=True, capture_output=True, cwd=tmp_path,
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), *sys.path])}
