@@ -1,0 +1,1 @@
+"""Triton NVFP4 backend: W4A16 dense GEMM and fused MoE, weights dequantized in registers."""

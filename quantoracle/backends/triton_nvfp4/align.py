@@ -1,0 +1,102 @@
+"""Sort routed (token, slot) pairs by local expert into blocks of ``block_m``, on the GPU.
+
+One single-program Triton kernel, no host synchronization (CUDA-graph capturable): the grid of
+the GEMMs that follow is sized from shapes alone by :func:`max_blocks`, and blocks past the
+real count are marked expert -1 so those programs exit at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_CHUNK = 1024
+_BLOCK_CHUNK = 32
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The sorted routing of one fused-MoE call.
+
+    - ``sorted_pairs`` int32 ``[blocks * block_m]``: pair ids ``p = token * top_k + slot``,
+      grouped by local expert, each expert's run padded to a multiple of ``block_m`` with the
+      sentinel ``pairs`` (= M * top_k). Pairs routed to non-local experts appear nowhere.
+    - ``block_expert`` int32 ``[blocks]``: the local expert of each block, -1 past the end.
+    """
+
+    sorted_pairs: torch.Tensor
+    block_expert: torch.Tensor
+    block_m: int
+    pairs: int
+
+    @property
+    def blocks(self) -> int:
+        return self.block_expert.numel()
+
+
+def max_blocks(pairs: int, experts: int, block_m: int) -> int:
+    """An upper bound of the blocks any routing of ``pairs`` pairs over ``experts`` needs:
+    ``sum_e ceil(n_e / block_m) <= ceil(pairs / block_m) + min(experts, pairs)``."""
+    return triton.cdiv(pairs, block_m) + min(experts, pairs)
+
+
+@triton.jit
+def _local_ids(topk_ids_ptr, offs, P, first_expert, E, NONLOCAL: tl.constexpr):
+    """Local expert ids of pairs ``offs``; NONLOCAL for non-local experts and ``offs >= P``."""
+    ids = tl.load(topk_ids_ptr + offs, mask=offs < P, other=0).to(tl.int32) - first_expert
+    local = (offs < P) & (ids >= 0) & (ids < E)
+    return tl.where(local, ids, NONLOCAL), local
+
+
+@triton.jit(do_not_specialize=["P", "first_expert", "BLOCKS"])
+def _align_kernel(topk_ids_ptr, sorted_ptr, block_expert_ptr, cursor_ptr,
+                  P, first_expert, E, BLOCKS,
+                  BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
+                  CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr):
+    # 1. Pairs per local expert (bin E_PAD - 1 collects the non-local ones).
+    counts = tl.zeros((E_PAD,), dtype=tl.int32)
+    for p0 in range(0, P, CHUNK):
+        ids, _ = _local_ids(topk_ids_ptr, p0 + tl.arange(0, CHUNK), P, first_expert, E, E_PAD - 1)
+        counts += tl.histogram(ids, E_PAD)
+    experts = tl.arange(0, E_PAD)
+    blocks = tl.where(experts < E, (counts + BLOCK_M - 1) // BLOCK_M, 0)
+    ends = tl.cumsum(blocks, 0)
+    total = tl.sum(blocks, 0)
+    # 2. Each block's expert: the number of experts whose blocks end at or before it.
+    for b0 in range(0, BLOCKS, BLOCK_CHUNK):
+        b = b0 + tl.arange(0, BLOCK_CHUNK)
+        owner = tl.sum((ends[None, :] <= b[:, None]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b, tl.where(b < total, owner, -1), mask=b < BLOCKS)
+    # 3. Padding sentinels everywhere, and each expert's write cursor at its first slot.
+    for q0 in range(0, BLOCKS * BLOCK_M, CHUNK):
+        q = q0 + tl.arange(0, CHUNK)
+        tl.store(sorted_ptr + q, tl.full((CHUNK,), 0, tl.int32) + P, mask=q < BLOCKS * BLOCK_M)
+    tl.store(cursor_ptr + experts, (ends - blocks) * BLOCK_M, mask=experts < E)
+    tl.debug_barrier()
+    # 4. Scatter each local pair to its expert's next slot (order within an expert is free).
+    for p0 in range(0, P, CHUNK):
+        offs = p0 + tl.arange(0, CHUNK)
+        ids, local = _local_ids(topk_ids_ptr, offs, P, first_expert, E, 0)
+        slot = tl.atomic_add(cursor_ptr + ids, 1, mask=local)
+        tl.store(sorted_ptr + slot, offs, mask=local)
+
+
+def align(topk_ids: torch.Tensor, experts: int, first_expert: int, block_m: int) -> Routing:
+    """Sort the pairs of ``topk_ids`` (``[M, top_k]`` int32/int64 global expert ids) by local
+    expert ``id - first_expert`` in ``[0, experts)``; see :class:`Routing`."""
+    pairs = topk_ids.numel()
+    blocks = max_blocks(pairs, experts, block_m)
+    device = topk_ids.device
+    sorted_pairs = torch.empty(blocks * block_m, dtype=torch.int32, device=device)
+    block_expert = torch.empty(blocks, dtype=torch.int32, device=device)
+    cursor = torch.empty(experts, dtype=torch.int32, device=device)
+    _align_kernel[(1,)](
+        topk_ids.contiguous(), sorted_pairs, block_expert, cursor,
+        pairs, first_expert, experts, blocks,
+        BLOCK_M=block_m, E_PAD=triton.next_power_of_2(experts + 1),
+        CHUNK=_CHUNK, BLOCK_CHUNK=_BLOCK_CHUNK, num_warps=8,
+    )
+    return Routing(sorted_pairs, block_expert, block_m, pairs)

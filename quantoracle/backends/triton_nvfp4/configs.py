@@ -1,0 +1,118 @@
+"""Launch configurations of the Triton NVFP4 kernels, as data.
+
+Tables are keyed by the problem's shape, then by an M bucket: a call with M tokens uses the
+entry of the smallest bucket >= M (the largest bucket beyond it). Shapes absent from the tables
+use the ``"default"`` rows, whose split-K is then chosen by :func:`fill_split_k`. The tuned rows
+come from ``benchmarks/bench_gemm.py --tune`` / ``bench_moe.py --tune`` on an H100 (see
+docs/performance.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import triton
+
+M_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096)
+
+
+@dataclass(frozen=True)
+class DenseConfig:
+    """One dense launch: an output tile of ``block_n`` weight rows x ``block_m`` tokens; K split
+    over ``split_k`` programs (only when all tokens fit one tile; 0 = choose by rule)."""
+
+    block_n: int
+    block_m: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One MoE GEMM's tile over weight rows (for gate/up: gate and up rows together), and its
+    launch knobs."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A fused-MoE call: ``block_m`` routed tokens per expert block (the sort's padding unit,
+    shared by both GEMMs), the gate/up GEMM's tile and the down GEMM's tile."""
+
+    block_m: int
+    up: Tile
+    down: Tile
+
+
+def _d(block_n, block_m, split_k, warps, stages) -> DenseConfig:
+    return DenseConfig(block_n, block_m, split_k, warps, stages)
+
+
+def _m(block_m, up, down) -> MoEConfig:
+    return MoEConfig(block_m, Tile(*up), Tile(*down))
+
+
+DENSE: dict[object, dict[int, DenseConfig]] = {
+    "default": {
+        1: _d(64, 16, 0, 4, 4),
+        4: _d(64, 16, 0, 4, 4),
+        16: _d(64, 16, 0, 4, 4),
+        64: _d(64, 64, 0, 4, 4),
+        256: _d(128, 64, 1, 8, 3),
+        1024: _d(128, 128, 1, 8, 3),
+        4096: _d(128, 128, 1, 8, 3),
+    },
+}
+"""(N, K) -> M bucket -> config."""
+
+MOE: dict[object, dict[int, MoEConfig]] = {
+    "default": {
+        1: _m(16, (64, 4, 4), (64, 4, 4)),
+        4: _m(16, (64, 4, 4), (64, 4, 4)),
+        16: _m(16, (64, 4, 4), (64, 4, 4)),
+        64: _m(16, (64, 4, 4), (64, 4, 4)),
+        256: _m(32, (128, 4, 3), (128, 4, 3)),
+        1024: _m(64, (128, 8, 3), (128, 8, 3)),
+        4096: _m(128, (128, 8, 3), (128, 8, 3)),
+    },
+}
+"""(experts, hidden, intermediate, top_k) -> M bucket -> config."""
+
+TARGET_PROGRAMS = 264
+"""Split-K by rule aims at this many programs (two per H100 multiprocessor)."""
+
+
+def bucket(m: int) -> int:
+    """The M bucket serving ``m`` tokens."""
+    for b in M_BUCKETS:
+        if m <= b:
+            return b
+    return M_BUCKETS[-1]
+
+
+def fill_split_k(cfg: DenseConfig, m: int, n: int, k_chunks: int) -> DenseConfig:
+    """``cfg`` with ``split_k`` chosen by rule where the table says 0: enough K slices for
+    :data:`TARGET_PROGRAMS` programs, at least two 128-chunks each; 1 if M needs several tiles."""
+    if cfg.split_k:
+        return cfg
+    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+    split = 1
+    if m <= cfg.block_m:
+        split = max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), k_chunks // 2))
+    return DenseConfig(cfg.block_n, cfg.block_m, split, cfg.num_warps, cfg.num_stages)
+
+
+def dense_config(m: int, n: int, k: int, k_chunks: int) -> DenseConfig:
+    """The config of an ``[m, k] x [n, k]^T`` launch."""
+    table = DENSE.get((n, k), DENSE["default"])
+    return fill_split_k(table[bucket(m)], m, n, k_chunks)
+
+
+def moe_config(m: int, experts: int, hidden: int, intermediate: int, top_k: int) -> MoEConfig:
+    """The config of a fused-MoE call with ``m`` tokens."""
+    table = MOE.get((experts, hidden, intermediate, top_k), MOE["default"])
+    return table[bucket(m)]
