@@ -31,3 +31,13 @@ class ProblemError(QuantoracleError):
 
 class PluginError(QuantoracleError):
     """A backend plugin is broken: duplicate backend names, an object that is not a backend."""
+
+
+class UnsupportedModelError(QuantoracleError, ValueError):
+    """A model the transformers integration cannot patch: a module layout it does not know, a
+    model on the meta device, a transformers conversion it cannot follow. The message names the
+    module."""
+
+
+class CalibrationError(QuantoracleError, ValueError):
+    """W4A4 quantization lacks the calibrated input amax of a module it quantizes."""

@@ -32,7 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantoracle.errors import CheckpointFormatError, QuantoracleError, SchemeError
+from quantoracle.errors import (
+    CalibrationError,
+    CheckpointFormatError,
+    SchemeError,
+    UnsupportedModelError,
+)
 from quantoracle.layers import NVFP4FusedMoE, NVFP4Linear
 from quantoracle.oracle import Resolution
 from quantoracle.oracle.spec import LayerKind
@@ -52,15 +57,6 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 ROLES = ("gate", "up", "down")
-
-
-class UnsupportedModelError(QuantoracleError, ValueError):
-    """A model this integration cannot patch: a module layout it does not know, a model on the
-    meta device, a transformers conversion it cannot follow. The message names the module."""
-
-
-class CalibrationError(QuantoracleError, ValueError):
-    """W4A4 quantization lacks the calibrated input amax of a module it quantizes."""
 
 
 # ---- what was replaced ----
