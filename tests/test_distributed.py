@@ -61,7 +61,7 @@ DEADLINE_S = 120  # a hung collective fails the test instead of the CI job
 # them, so (a+b)+(c+d) replaces ((a+b)+c)+d; expert parallelism sums the top-k expert outputs of
 # a token on different ranks, then across ranks; and BLAS picks its blocking (the order of the
 # K-loop) by shape, so even a column split may round differently. Float addition is not
-# associative: each reordering moves a result by a few ulps (|out| <= ~2 here, ulp ~2.4e-7).
+# associative: each reordering moves a result by an ulp or two (|out| < 4 here; ulp(4) = 4.8e-7).
 RTOL = ATOL = 1e-5
 
 
@@ -187,14 +187,16 @@ def _worker(rank: int, world: int, rendezvous: str, checkpoints: dict[str, str],
     try:
         # new_group is collective: every rank creates every subgroup, in the same order.
         sizes = sorted({s.ranks for _, s in CHECKS if s.ranks < world})
-        groups = {(start, n): dist.new_group(list(range(start, start + n))) for n in sizes for start in range(0, world, n)}
+        groups = {
+            (start, n): dist.new_group(list(range(start, start + n))) for n in sizes for start in range(0, world, n)
+        }
         results: dict[str, Any] = {}
         for label, directory in checkpoints.items():
             with Checkpoint.open(directory) as checkpoint:
                 unsharded = {kind: _build(kind, checkpoint) for kind in ("linear", "moe")}
-                for w, sharding in CHECKS:
-                    if w == world:
-                        results[f"{label} {sharding}"] = _check(sharding, checkpoint, unsharded[sharding.layer], rank, groups)
+                for sharding in (s for w, s in CHECKS if w == world):
+                    unsharded_layer = unsharded[sharding.layer]
+                    results[f"{label} {sharding}"] = _check(sharding, checkpoint, unsharded_layer, rank, groups)
                 if world == 4:
                     results[f"{label} misuse"] = _misuse(checkpoint, rank)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
@@ -269,7 +271,7 @@ def results(checkpoints, tmp_path_factory) -> dict[int, list[dict[str, Any]]]:
 
 def test_rank_mapping_puts_tensor_parallel_ranks_side_by_side():
     sharding = Sharding("moe", tp=2, ep=3)
-    pairs = [(p.tp_rank, p.ep_rank) for p in map(lambda r: parallel_for(r, sharding), range(6))]
+    pairs = [(p.tp_rank, p.ep_rank) for p in (parallel_for(rank, sharding) for rank in range(6))]
     assert pairs == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
 
 
