@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tp = args.tp or world // args.ep
     if tp * args.ep != world:
         sys.exit(f"bench_parallel: tp={tp} x ep={args.ep} must equal the world size {world}")
-    parallel = ParallelConfig(tp_size=tp, tp_rank=rank % tp, ep_size=args.ep, ep_rank=rank // tp)
+    parallel = ParallelConfig.for_rank(rank, tp, args.ep)
     shapes, tokens = (TINY_SHAPES, TINY_TOKENS) if args.tiny else (SHAPES, TOKENS)
     timer = Timer(device, args.timing, args.reps, args.warmup)
     try:

@@ -81,13 +81,12 @@ def _check_group(problem: Problem, group: Any) -> None:
     """A sharded layer's process group must hold exactly the ranks its ParallelConfig splits
     over (tp_size for a Linear; tp_size * ep_size for MoE, rank = ep_rank * tp_size + tp_rank)."""
     p = problem.parallel
-    ranks = p.tp_size * p.ep_size
+    ranks, expected = p.group_size, p.group_rank
     if ranks == 1:
         return
     if not dist.is_available() or not dist.is_initialized():
         raise ProblemError(f"{p} needs torch.distributed: call init_process_group first")
     size, rank = dist.get_world_size(group), dist.get_rank(group)
-    expected = p.ep_rank * p.tp_size + p.tp_rank
     if size != ranks or rank != expected:
         raise ProblemError(
             f"{p} (tp_rank={p.tp_rank}, ep_rank={p.ep_rank}) needs a process group of {ranks} ranks "

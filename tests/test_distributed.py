@@ -102,10 +102,7 @@ CHECKS = [(world, s) for world in WORLDS for s in SHARDINGS if s.ranks <= world]
 
 def parallel_for(local_rank: int, sharding: Sharding) -> ParallelConfig:
     """The ParallelConfig of local rank ``local_rank`` (0 .. tp*ep-1) of a sharding's group."""
-    return ParallelConfig(
-        tp_size=sharding.tp, tp_rank=local_rank % sharding.tp,
-        ep_size=sharding.ep, ep_rank=local_rank // sharding.tp, tp_dim=sharding.tp_dim,
-    )
+    return ParallelConfig.for_rank(local_rank, sharding.tp, sharding.ep, sharding.tp_dim)
 
 
 def _inputs(kind: str) -> list[tuple[torch.Tensor, ...]]:
@@ -271,8 +268,11 @@ def results(checkpoints, tmp_path_factory) -> dict[int, list[dict[str, Any]]]:
 
 def test_rank_mapping_puts_tensor_parallel_ranks_side_by_side():
     sharding = Sharding("moe", tp=2, ep=3)
-    pairs = [(p.tp_rank, p.ep_rank) for p in (parallel_for(rank, sharding) for rank in range(6))]
-    assert pairs == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+    configs = [parallel_for(rank, sharding) for rank in range(6)]
+    assert [(p.tp_rank, p.ep_rank) for p in configs] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+    assert [p.group_rank for p in configs] == list(range(6))
+    with pytest.raises(ProblemError, match="rank=6"):
+        parallel_for(6, sharding)
 
 
 @pytest.mark.parametrize("label", SCHEMES)

@@ -104,6 +104,25 @@ class ParallelConfig(_Frozen):
                 raise ProblemError(f"{what}_rank={rank} is out of range for {what}_size={size}: use 0..{size - 1}")
         return self
 
+    @classmethod
+    def for_rank(
+        cls, rank: int, tp_size: int = 1, ep_size: int = 1, tp_dim: Literal["column", "row"] = "column"
+    ) -> "ParallelConfig":
+        """The config of ``rank`` in a group of ``tp_size * ep_size`` ranks, tensor-parallel
+        ranks adjacent: ``rank = ep_rank * tp_size + tp_rank`` (see :attr:`group_rank`)."""
+        if not 0 <= rank < tp_size * ep_size:
+            raise ProblemError(f"rank={rank} is out of range for tp_size * ep_size = {tp_size * ep_size}")
+        return cls(tp_size=tp_size, tp_rank=rank % tp_size, ep_size=ep_size, ep_rank=rank // tp_size, tp_dim=tp_dim)
+
+    @property
+    def group_size(self) -> int:
+        return self.tp_size * self.ep_size
+
+    @property
+    def group_rank(self) -> int:
+        """This shard's rank in its process group: ``ep_rank * tp_size + tp_rank``."""
+        return self.ep_rank * self.tp_size + self.tp_rank
+
     def __str__(self) -> str:
         return f"tp{self.tp_size}({self.tp_dim}) ep{self.ep_size}"
 
