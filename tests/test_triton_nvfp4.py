@@ -22,7 +22,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from quantoracle.backends.reference import linear as reference_linear  # noqa: E402
 from quantoracle.backends.reference import moe as reference_moe  # noqa: E402
-from quantoracle.backends.triton_nvfp4 import align, gemm, layout, moe  # noqa: E402
+from quantoracle.backends.triton_nvfp4 import align, configs, gemm, layout, moe  # noqa: E402
 from quantoracle.errors import NumericsError  # noqa: E402
 from quantoracle.schemes import nvfp4  # noqa: E402
 from quantoracle.schemes.tensors import MoEWeights, NVFP4Tensor  # noqa: E402
@@ -100,20 +100,20 @@ def test_scale_encoding_is_exact_for_every_positive_e4m3_value():
 def test_relayout_round_trips_codes_and_scales():
     weight = _random_fp4((3,), 5, 272, odd_scales=False)
     words, scales = layout.relayout(weight.packed, weight.block_scale)
-    assert words.shape == (3, 5, 384 // 8) and scales.shape == (3, 3, 5)
-    assert torch.equal(layout.unpack_words(words, 272), nvfp4.unpack_fp4(weight.packed))
+    assert words.shape == (3, 1, 3, 16, 16) and scales.shape == (3, 3, 5)
+    assert torch.equal(layout.unpack_words(words, 5, 272), nvfp4.unpack_fp4(weight.packed))
     assert torch.equal(layout.unpack_scales(scales, 272), weight.block_scale.float())
-    # Element k of a row sits in nibble (k % 128) // 16 of word 16 * (k // 128) + k % 16.
+    # Element k of row r sits in nibble (k % 128) // 16 of word k % 16 of tile (r // 16, k // 128).
     codes = nvfp4.unpack_fp4(weight.packed)[1, 2]
     for k in (0, 15, 16, 127, 128, 200, 271):
-        word = int(words[1, 2, 16 * (k // 128) + k % 16]) & 0xFFFFFFFF
+        word = int(words[1, 0, k // 128, 2, k % 16]) & 0xFFFFFFFF
         assert (word >> (4 * ((k % 128) // 16))) & 0xF == int(codes[k])
 
 
 def test_relayout_folds_zero_and_negative_scales_into_the_codes():
     weight = _random_fp4((), 4, 64, odd_scales=True)
     words, scales = layout.relayout(weight.packed, weight.block_scale)
-    codes = layout.unpack_words(words, 64)
+    codes = layout.unpack_words(words, 4, 64)
     values = nvfp4.decode_e2m1(codes).view(4, 4, 16) * layout.unpack_scales(scales, 64)[..., None]
     expected = nvfp4.decode_e2m1(nvfp4.unpack_fp4(weight.packed)).view(4, 4, 16)
     expected = expected * weight.block_scale.float()[..., None]
@@ -176,9 +176,9 @@ def test_linear_handles_every_code_and_odd_block_scales(dtype):
     _close(out.cpu(), reference_linear.linear(x.float(), weight), dtype)
 
 
-@pytest.mark.parametrize("m, k", [(1, 2064), (20, 144)])
-def test_linear_w4a4_emulation_per_shard(m, k):
-    weight = _quantized((), 96, k, 2, True, seed=k)
+@pytest.mark.parametrize("m, n, k", [(1, 96, 2064), (20, 40, 144)])  # shards of 48 and 20 rows
+def test_linear_w4a4_emulation_per_shard(m, n, k):
+    weight = _quantized((), n, k, 2, True, seed=k)
     x = _activations(m, k, torch.float16, seed=k)
     out = gemm.linear(x.to(DEVICE), gemm.prepare_linear(weight.to(DEVICE)),
                       quantize_activations=True)
@@ -251,6 +251,19 @@ def test_fused_moe_matches_reference(m, experts, hidden, inter, top_k, first, id
                         activation=activation)
     ref = reference_moe.fused_moe(x.float(), weights, topk_weights, topk_ids, activation=activation)
     _close(out.cpu(), ref, dtype)
+
+
+def test_fused_moe_down_split_k(monkeypatch):
+    """The down GEMM's K slices (I = 384: three chunks of 128) add up in the top-k sum."""
+    weights = _moe_weights(4, 128, 384, 0, False)
+    x = _activations(6, 128, torch.float16, seed=6)
+    topk_weights, topk_ids = _routing(6, 2, 4, seed=6)
+    split = configs.MoEConfig(16, configs.Tile(64, 4, 4), configs.Tile(64, 4, 4, split_k=2))
+    monkeypatch.setitem(configs.MOE, (4, 128, 384, 2), {b: split for b in configs.M_BUCKETS})
+    out = moe.fused_moe(x.to(DEVICE), moe.prepare_moe(weights.to(DEVICE)),
+                        topk_weights.to(DEVICE), topk_ids.to(DEVICE))
+    ref = reference_moe.fused_moe(x.float(), weights, topk_weights, topk_ids)
+    _close(out.cpu(), ref, torch.float16)
 
 
 def test_fused_moe_w4a4_emulation():

@@ -80,7 +80,7 @@ def _align_kernel(topk_ids_ptr, sorted_ptr, block_expert_ptr, cursor_ptr,
     for p0 in range(0, P, CHUNK):
         offs = p0 + tl.arange(0, CHUNK)
         ids, local = _local_ids(topk_ids_ptr, offs, P, first_expert, E, 0)
-        slot = tl.atomic_add(cursor_ptr + ids, 1, mask=local)
+        slot = tl.atomic_add(cursor_ptr + ids, 1, mask=local, sem="relaxed")  # no fences
         tl.store(sorted_ptr + slot, offs, mask=local)
 
 

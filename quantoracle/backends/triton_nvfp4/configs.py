@@ -31,11 +31,13 @@ class DenseConfig:
 @dataclass(frozen=True)
 class Tile:
     """One MoE GEMM's tile over weight rows (for gate/up: gate and up rows together), and its
-    launch knobs."""
+    launch knobs; ``split_k`` K slices (the down GEMM only: its slices are added by the top-k
+    sum)."""
 
     block_n: int
     num_warps: int
     num_stages: int
+    split_k: int = 1
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,10 @@ class MoEConfig:
     block_m: int
     up: Tile
     down: Tile
+
+    def __post_init__(self) -> None:
+        if self.up.split_k != 1:
+            raise ValueError("the gate/up GEMM cannot split K (its epilogue is nonlinear)")
 
 
 def _d(block_n, block_m, split_k, warps, stages) -> DenseConfig:
@@ -61,10 +67,21 @@ DENSE: dict[object, dict[int, DenseConfig]] = {
         1: _d(64, 16, 0, 4, 4),
         4: _d(64, 16, 0, 4, 4),
         16: _d(64, 16, 0, 4, 4),
-        64: _d(64, 64, 0, 4, 4),
-        256: _d(128, 64, 1, 8, 3),
-        1024: _d(128, 128, 1, 8, 3),
-        4096: _d(128, 128, 1, 8, 3),
+        64: _d(128, 64, 0, 4, 3),
+        256: _d(128, 64, 1, 4, 3),
+        1024: _d(256, 128, 1, 8, 2),
+        4096: _d(256, 128, 1, 8, 2),
+    },
+    # Tuned on an H100 80GB HBM3 (bench_gemm.py --tune; docs/performance.md).
+    (4096, 4096): {
+        1: _d(64, 16, 4, 4, 4), 4: _d(64, 16, 4, 4, 4), 16: _d(64, 16, 4, 4, 4),
+        64: _d(64, 64, 2, 4, 4), 256: _d(128, 64, 1, 4, 3), 1024: _d(256, 128, 1, 8, 2),
+        4096: _d(256, 128, 1, 8, 2),
+    },
+    (28672, 8192): {
+        1: _d(128, 16, 4, 4, 4), 4: _d(128, 16, 4, 4, 4), 16: _d(128, 16, 4, 4, 4),
+        64: _d(128, 64, 1, 4, 3), 256: _d(128, 64, 1, 4, 3), 1024: _d(256, 128, 1, 8, 2),
+        4096: _d(256, 128, 1, 8, 2),
     },
 }
 """(N, K) -> M bucket -> config."""

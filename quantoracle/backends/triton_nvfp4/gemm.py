@@ -144,6 +144,14 @@ def _sub_dot(acc, w, scale_word, J: tl.constexpr, x, gs, inv_gs, gs_odd, inv_gs_
 
 
 @triton.jit
+def word_tile_ptrs(w_ptr, rows, stride_wb):
+    """``[BN, 16]`` pointers to chunk 0's words of weight rows ``rows`` (``layout.py``: tiles of
+    16 rows x 16 words, ``stride_wb`` words per row block; chunk c is ``256 c`` words on)."""
+    return w_ptr + (rows // 16)[:, None] * stride_wb + (rows % 16)[:, None] * 16 \
+        + tl.arange(0, 16)[None, :]
+
+
+@triton.jit
 def mma_chunks(acc, w_ptrs, s_ptrs, x_ptrs, x_mask, k_index, chunk_start, chunk_end, K,
                stride_sc, gs, inv_gs, gs_odd, inv_gs_odd,
                K_EXACT: tl.constexpr, QUANT_X: tl.constexpr, ODD_ROWS_OWN_SCALE: tl.constexpr,
@@ -152,12 +160,12 @@ def mma_chunks(acc, w_ptrs, s_ptrs, x_ptrs, x_mask, k_index, chunk_start, chunk_
     """The K loop every kernel shares: ``acc[BN, BM] += W[rows, k] x^T[k, tokens]`` over the
     128-element chunks ``[chunk_start, chunk_end)``, unscaled by the global scales.
 
-    ``w_ptrs`` ``[BN, 16]``: chunk 0's word tile; ``s_ptrs`` ``[BN]``: chunk 0's int64 scale
+    ``w_ptrs`` ``[BN, 16]``: chunk 0's words (:func:`word_tile_ptrs`); ``s_ptrs`` ``[BN]``: chunk 0's int64 scale
     words (chunks are ``stride_sc`` apart); ``x_ptrs`` ``[16, BM]``: x^T's first sub-tile, with
     ``x_mask`` its token mask and ``k_index`` ``[16, 1]`` = 0..15. QUANT_X: see ``_sub_dot``.
     """
     for c in range(chunk_start, chunk_end):
-        words = tl.load(w_ptrs + c * 16).to(tl.uint32, bitcast=True)
+        words = tl.load(w_ptrs + c * 256).to(tl.uint32, bitcast=True)
         scale_word = tl.load(s_ptrs + c * stride_sc)
         for a in tl.static_range(4):
             # After a left shift by 4a, bits 12..15 / 28..31 hold nibbles 3 - a and 7 - a.
@@ -192,11 +200,12 @@ def activation_scales(iscale_ptr, QUANT_X: tl.constexpr):
     return gs, inv_gs
 
 
-@triton.jit(do_not_specialize=["M"])  # one compiled kernel for every batch size
+# Not specialized on the batch-dependent ints: one compiled kernel serves every M.
+@triton.jit(do_not_specialize=["M", "CHUNKS_PER_SPLIT", "SPLIT_K"])
 def _dense_kernel(
     x_ptr, w_ptr, s_ptr, row_scale_ptr, iscale_ptr, out_ptr, partial_ptr, counter_ptr,
-    M, N, K, stride_xm, stride_om, stride_wn, stride_sc, CHUNKS, CHUNKS_PER_SPLIT,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    M, N, ROW0, K, stride_xm, stride_om, stride_wb, stride_sc, CHUNKS, CHUNKS_PER_SPLIT, SPLIT_K,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     K_EXACT: tl.constexpr, QUANT_X: tl.constexpr,
     DTYPE: tl.constexpr, MAG_SHIFT: tl.constexpr, SCALE_SHIFT: tl.constexpr,
     SCALE_BASE: tl.constexpr, UNFOLD: tl.constexpr,
@@ -206,9 +215,9 @@ def _dense_kernel(
     pid_k = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_w = offs_n % N  # ragged N: read valid rows, store only the real ones
+    rows_w = ROW0 + offs_n % N  # ragged N: read valid rows, store only the real ones
     k_index = tl.arange(0, 16)[:, None]
-    w_ptrs = w_ptr + rows_w[:, None] * stride_wn + tl.arange(0, 16)[None, :]
+    w_ptrs = word_tile_ptrs(w_ptr, rows_w, stride_wb)
     s_ptrs = s_ptr + rows_w
     x_ptrs = x_ptr + offs_m[None, :] * stride_xm + k_index
     x_mask = (offs_m < M)[None, :]
@@ -249,7 +258,8 @@ def _dense_kernel(
 class PreparedLinear:
     """An NVFP4 Linear in the kernel layout (``layout.py``), on the weight's device.
 
-    - ``words`` int32 ``[N, Kp/8]``, ``scales`` int64 ``[Kp/128, N]`` (4.5 bits per weight);
+    - ``words`` int32 ``[ceil(N/16), Kp/128, 16, 16]``, ``scales`` int64 ``[Kp/128, N]``
+      (4.5 bits per weight);
     - ``row_scale`` float32 ``[N]``: each row's global scale (``weight_scale_2`` of its shard);
     - ``input_scale`` float32 ``[S]`` or None: per shard, for W4A4 emulation;
     - ``counters`` int32 ``[ceil(N/16)]`` zeros: split-K arrival counters. Each call leaves them
@@ -348,12 +358,12 @@ def _launch_dense(x, prepared, out, row0, rows, input_scale):
         if split_k > 1 else out
     )
     _dense_kernel[grid](
-        x, prepared.words[row0:], prepared.scales[:, row0:], prepared.row_scale[row0:],
+        x, prepared.words, prepared.scales, prepared.row_scale,
         input_scale if input_scale is not None else prepared.row_scale,
         out[:, row0:], partial, prepared.counters,
-        m, rows, k, x.stride(0), out.stride(0), prepared.words.stride(0),
-        prepared.scales.stride(0), chunks, per_split,
-        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SPLIT_K=split_k,
+        m, rows, row0, k, x.stride(0), out.stride(0), prepared.words.stride(0),
+        prepared.scales.stride(0), chunks, per_split, split_k,
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
         K_EXACT=k % CHUNK_K == 0, QUANT_X=input_scale is not None,
         DTYPE=decode.dtype, MAG_SHIFT=decode.mag_shift, SCALE_SHIFT=decode.scale_shift,
         SCALE_BASE=decode.scale_base, UNFOLD=decode.unfold,

@@ -3,14 +3,15 @@
 Checkpoint (ModelOpt): codes uint8 ``[*lead, R, K/2]`` (element 2i in the low nibble) and block
 scales float8_e4m3fn ``[*lead, R, K/16]``. The kernels want instead (:func:`relayout`):
 
-- **words** int32 ``[*lead, R, Kp/8]``, Kp = K rounded up to a multiple of :data:`CHUNK_K` (128;
-  the padding holds code 0, so it adds nothing). Each row is a run of 128-element chunks of 16
-  words; within chunk ``c``, nibble ``j`` (bits ``4j..4j+3``) of word ``w`` holds the code of
-  element ``k = 128c + 16j + w``. A kernel loads one chunk as a ``[rows, 16]`` word tile and
-  splits it with whole-word shifts and masks into eight ``[rows, 16]`` sub-tiles, sub-tile ``j``
-  being exactly the 16-element scale block ``8c + j``: no nibble interleaving to undo
-  (no join/reshape), one scale per row per sub-tile, two codes decoded per 32-bit operation
-  (nibbles ``j`` and ``j + 4`` share the 16-bit halves of one word).
+- **words** int32 ``[*lead, ceil(R/16), Kp/128, 16, 16]``, Kp = K rounded up to a multiple of
+  :data:`CHUNK_K` (128; the padding holds code 0, so it adds nothing): tiles of 16 rows x one
+  128-element chunk, each 1 KiB contiguous (whole DRAM bursts for the 16 rows' 64 bytes of a
+  chunk), row blocks outermost. Within a tile, row ``r`` holds 16 words; nibble ``j`` (bits
+  ``4j..4j+3``) of word ``w`` is the code of element ``k = 128c + 16j + w``. A kernel loads one
+  chunk as a ``[rows, 16]`` word tile and splits it with whole-word shifts and masks into eight
+  ``[rows, 16]`` sub-tiles, sub-tile ``j`` being exactly the 16-element scale block ``8c + j``:
+  no nibble interleaving to undo (no join/reshape), one scale per row per sub-tile, two codes
+  decoded per 32-bit operation (nibbles ``j`` and ``j + 4`` share the 16-bit halves of a word).
 - **scales** int64 ``[*lead, Kp/128, R]``: the eight block scales of one row's chunk in one
   8-byte word (byte ``j`` = block ``8c + j``), chunk-major, so a tile's scales for one chunk are
   one contiguous, pipelinable load of 8 bytes per row. Each byte is the scale re-encoded as a
@@ -32,6 +33,8 @@ from quantoracle.errors import NumericsError
 
 CHUNK_K = 128
 """Elements of K per word tile: 16 words of 8 codes; eight 16-element scale blocks."""
+ROW_BLOCK = 16
+"""Rows per contiguous tile of the word layout."""
 
 WORDS_PER_CHUNK = CHUNK_K // 8
 SUBTILES = CHUNK_K // 16
@@ -91,24 +94,30 @@ def relayout(packed: torch.Tensor, block_scale: torch.Tensor) -> tuple[torch.Ten
     ``[*lead, R, K/2]`` and block scales float8_e4m3fn ``[*lead, R, K/16]``, one matrix at a
     time (bounded temporaries). Raises NumericsError for NaN block scales."""
     lead, (rows, half_k) = packed.shape[:-2], packed.shape[-2:]
-    kp = padded_k(2 * half_k)
+    chunks = padded_k(2 * half_k) // CHUNK_K
+    blocks = -(-rows // ROW_BLOCK)
     flat_packed = packed.reshape(-1, rows, half_k)
     flat_scale = block_scale.reshape(-1, rows, block_scale.shape[-1])
     count = flat_packed.shape[0]
-    words = torch.empty(count, rows, kp // 8, dtype=torch.int32, device=packed.device)
-    scales = torch.empty(count, kp // CHUNK_K, rows, dtype=torch.int64, device=packed.device)
+    words = torch.zeros(count, blocks * ROW_BLOCK, chunks * WORDS_PER_CHUNK, dtype=torch.int32,
+                        device=packed.device)
+    scales = torch.empty(count, chunks, rows, dtype=torch.int64, device=packed.device)
     for i in range(count):
-        words[i], scales[i] = _relayout_matrix(flat_packed[i], flat_scale[i])
-    return words.reshape(*lead, rows, kp // 8), scales.reshape(*lead, kp // CHUNK_K, rows)
+        words[i, :rows], scales[i] = _relayout_matrix(flat_packed[i], flat_scale[i])
+    tiles = words.view(count, blocks, ROW_BLOCK, chunks, WORDS_PER_CHUNK).transpose(2, 3)
+    return (tiles.contiguous().reshape(*lead, blocks, chunks, ROW_BLOCK, WORDS_PER_CHUNK),
+            scales.reshape(*lead, chunks, rows))
 
 
-def unpack_words(words: torch.Tensor, k: int) -> torch.Tensor:
+def unpack_words(words: torch.Tensor, rows: int, k: int) -> torch.Tensor:
     """uint8 codes ``[*lead, R, K]`` back from kernel words (the inverse of the word layout),
     for tests and debugging."""
-    lead, (rows, n_words) = words.shape[:-2], words.shape[-2:]
-    word_bytes = words.contiguous().view(torch.uint8).reshape(*lead, rows, -1, WORDS_PER_CHUNK, 4)
+    lead, (blocks, chunks) = words.shape[:-4], words.shape[-4:-2]
+    row_major = words.transpose(-2, -3).reshape(*lead, blocks * ROW_BLOCK, chunks, WORDS_PER_CHUNK)
+    word_bytes = row_major.contiguous().view(torch.uint8).unflatten(-1, (WORDS_PER_CHUNK, 4))
     nibbles = torch.stack((word_bytes & 0x0F, word_bytes >> 4), dim=-1).flatten(-2)  # [.., w, j]
-    return nibbles.transpose(-1, -2).reshape(*lead, rows, n_words * 8)[..., :k]
+    codes = nibbles.transpose(-1, -2).reshape(*lead, blocks * ROW_BLOCK, chunks * CHUNK_K)
+    return codes[..., :rows, :k]
 
 
 def unpack_scales(scales: torch.Tensor, k: int) -> torch.Tensor:

@@ -7,9 +7,10 @@
    outputs and the epilogue computes ``act(gate) * up`` (each with its own global scale),
    stored per pair ``[P, I]``.
 3. down GEMM (same kernel, not gated): reads the pair's intermediate row, multiplies by the pair's
-   router weight in the epilogue, stores fp32 ``[P, H]``.
-4. top-k sum: adds each token's local pairs in slot order (fixed order: deterministic), casts to
-   x.dtype.
+   router weight in the epilogue (fp32), stores ``[P, H]`` in x.dtype (fp32 under W4A4
+   emulation). Small batches may split K into slices, each stored ``[P, H]`` in fp32.
+4. top-k sum: adds each token's local pairs (and K slices) in fp32 in a fixed order
+   (deterministic), casts to x.dtype.
 
 The K loop and the in-register dequantization are ``gemm.mma_chunks`` (see ``gemm.py``).
 """
@@ -29,6 +30,7 @@ from quantoracle.backends.triton_nvfp4.gemm import (
     activation_scales,
     check_activations,
     mma_chunks,
+    word_tile_ptrs,
 )
 from quantoracle.backends.triton_nvfp4.layout import CHUNK_K, padded_k, relayout
 from quantoracle.errors import NumericsError
@@ -37,11 +39,12 @@ from quantoracle.schemes.tensors import MoEWeights
 ACTIVATIONS = ("silu", "gelu")
 
 
-@triton.jit(do_not_specialize=["P"])  # one compiled kernel for every batch size
+@triton.jit(do_not_specialize=["P", "CHUNKS_PER_SPLIT"])  # one kernel for every batch size
 def _moe_gemm_kernel(
     a_ptr, w_ptr, s_ptr, gscale_ptr, iscale_ptr, out_ptr,
     sorted_ptr, block_expert_ptr, topk_w_ptr,
-    N, K, P, TOP_K, stride_am, stride_we, stride_wn, stride_se, stride_sc, stride_om, CHUNKS,
+    N, K, P, TOP_K, stride_am, stride_we, stride_wb, stride_se, stride_sc, stride_os, stride_om,
+    CHUNKS, CHUNKS_PER_SPLIT,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
     K_EXACT: tl.constexpr, QUANT_X: tl.constexpr,
     DTYPE: tl.constexpr, MAG_SHIFT: tl.constexpr, SCALE_SHIFT: tl.constexpr,
@@ -51,10 +54,12 @@ def _moe_gemm_kernel(
 
     GATED: rows alternate gate/up (scales ``[E, 2]``), A = x gathered by token ``p // TOP_K``,
     ``out[p, n] = act(gate_n) * up_n`` for n < N / 2. Otherwise (scales ``[E, 1]``): A = the
-    intermediate row p, ``out[p, n] = y_n * router_weight[p]`` in fp32.
+    intermediate row p, ``out[s, p, n] = y_n * router_weight[p]`` (computed in fp32) for the
+    K slice s = program_id(2) of CHUNKS_PER_SPLIT chunks (the top-k sum adds the slices).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
@@ -67,8 +72,7 @@ def _moe_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_w = offs_n % N
     k_index = tl.arange(0, 16)[:, None]
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + rows_w[:, None] * stride_wn \
-        + tl.arange(0, 16)[None, :]
+    w_ptrs = word_tile_ptrs(w_ptr + expert.to(tl.int64) * stride_we, rows_w, stride_wb)
     s_ptrs = s_ptr + expert.to(tl.int64) * stride_se + rows_w
     x_ptrs = a_ptr + a_rows.to(tl.int64)[None, :] * stride_am + k_index
     x_mask = pair_ok[None, :]
@@ -77,7 +81,10 @@ def _moe_gemm_kernel(
     gs_up, inv_gs_up = activation_scales(iscale_ptr + expert * shards + shards - 1, QUANT_X)
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    acc = mma_chunks(acc, w_ptrs, s_ptrs, x_ptrs, x_mask, k_index, 0, CHUNKS, K, stride_sc,
+    chunk_start = pid_k * CHUNKS_PER_SPLIT
+    chunk_end = tl.minimum(chunk_start + CHUNKS_PER_SPLIT, CHUNKS)
+    acc = mma_chunks(acc, w_ptrs, s_ptrs, x_ptrs, x_mask, k_index, chunk_start, chunk_end, K,
+                     stride_sc,
                      gs, inv_gs, gs_up, inv_gs_up, K_EXACT, QUANT_X, GATED,
                      DTYPE, MAG_SHIFT, SCALE_SHIFT, SCALE_BASE)
 
@@ -98,15 +105,17 @@ def _moe_gemm_kernel(
         y = y * router[None, :]
         offs_out = offs_n
         n_out = N
-    out_ptrs = out_ptr + pairs.to(tl.int64)[None, :] * stride_om + offs_out[:, None]
+    out_ptrs = out_ptr + pid_k * stride_os + pairs.to(tl.int64)[None, :] * stride_om \
+        + offs_out[:, None]
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty),
              mask=(offs_out < n_out)[:, None] & pair_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["first_expert"])
-def _topk_sum_kernel(y_ptr, topk_ids_ptr, out_ptr, H, first_expert, E,
+def _topk_sum_kernel(y_ptr, topk_ids_ptr, out_ptr, H, first_expert, E, SPLITS, stride_ys,
                      TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
-    """``out[t, :] = sum over local slots j of y[t * TOP_K + j, :]`` in fp32, in slot order."""
+    """``out[t, :] = sum over local slots j and K slices s of y[s, t * TOP_K + j, :]`` in fp32,
+    in a fixed order."""
     token = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs < H
@@ -114,8 +123,10 @@ def _topk_sum_kernel(y_ptr, topk_ids_ptr, out_ptr, H, first_expert, E,
     for j in tl.static_range(TOP_K):
         pair = token * TOP_K + j
         local_id = tl.load(topk_ids_ptr + pair).to(tl.int32) - first_expert + tl.zeros_like(offs)
-        is_local = (local_id >= 0) & (local_id < E)
-        total += tl.load(y_ptr + pair.to(tl.int64) * H + offs, mask=h_ok & is_local, other=0.0)
+        row_ok = h_ok & (local_id >= 0) & (local_id < E)
+        for s in range(SPLITS):
+            total += tl.load(y_ptr + s * stride_ys + pair.to(tl.int64) * H + offs, mask=row_ok,
+                             other=0.0)
     tl.store(out_ptr + token.to(tl.int64) * H + offs, total.to(out_ptr.dtype.element_ty), mask=h_ok)
 
 
@@ -123,9 +134,10 @@ def _topk_sum_kernel(y_ptr, topk_ids_ptr, out_ptr, H, first_expert, E,
 class PreparedMoE:
     """The experts of one MoE layer in the kernel layout (``layout.py``).
 
-    - ``gate_up_words`` int32 ``[E, 2I, Hp/8]``, ``gate_up_scales`` int64 ``[E, Hp/128, 2I]``,
-      rows interleaved: 2n = gate n, 2n + 1 = up n;
-    - ``down_words`` int32 ``[E, H, Ip/8]``, ``down_scales`` int64 ``[E, Ip/128, H]``;
+    - ``gate_up_words`` int32 ``[E, 2I/16, Hp/128, 16, 16]``, ``gate_up_scales`` int64
+      ``[E, Hp/128, 2I]``, rows interleaved: 2n = gate n, 2n + 1 = up n;
+    - ``down_words`` int32 ``[E, H/16, Ip/128, 16, 16]``, ``down_scales`` int64
+      ``[E, Ip/128, H]`` (row counts rounded up to 16);
     - ``gate_up_global`` float32 ``[E, 2]`` (gate, up), ``down_global`` float32 ``[E, 1]``;
     - ``gate_up_input``/``down_input``: the same shapes, W4A4 static input scales, or None.
     """
@@ -216,23 +228,31 @@ def fused_moe(
     routing = align(topk_ids, prepared.experts, prepared.first_expert, cfg.block_m)
     pairs = routing.pairs
     decode = DECODE[x.dtype]
-    # W4A4 emulation keeps the intermediate in fp32, as the reference quantizes it from fp32.
+    # Per-pair intermediates in x.dtype (halves the bytes of the down GEMM's output and of the
+    # top-k sum); fp32 for the down GEMM's K slices, and under W4A4 emulation, which the
+    # reference quantizes from fp32.
     hidden = torch.empty(pairs, inter, dtype=torch.float32 if quantize_activations else x.dtype,
                          device=x.device)
-    routed = torch.empty(pairs, h, dtype=torch.float32, device=x.device)
+    down_chunks = padded_k(inter) // CHUNK_K
+    per_split = triton.cdiv(down_chunks, cfg.down.split_k)
+    splits = triton.cdiv(down_chunks, per_split)
+    routed = torch.empty(splits, pairs, h, dtype=torch.float32 if splits > 1 else hidden.dtype,
+                         device=x.device)
     stages = (
         (x, prepared.gate_up_words, prepared.gate_up_scales, prepared.gate_up_global,
-         prepared.gate_up_input, hidden, 2 * inter, h, cfg.up, True),
+         prepared.gate_up_input, hidden[None], 2 * inter, h, cfg.up, True, 1),
         (hidden, prepared.down_words, prepared.down_scales, prepared.down_global,
-         prepared.down_input, routed, h, inter, cfg.down, False),
+         prepared.down_input, routed, h, inter, cfg.down, False, splits),
     )
-    for a, words, scales, gscale, iscale, dest, n, k, tile, gated in stages:
-        grid = (routing.blocks, triton.cdiv(n, tile.block_n))
+    for a, words, scales, gscale, iscale, dest, n, k, tile, gated, split in stages:
+        chunks = padded_k(k) // CHUNK_K
+        grid = (routing.blocks, triton.cdiv(n, tile.block_n), split)
         _moe_gemm_kernel[grid](
             a, words, scales, gscale, iscale if quantize_activations else gscale, dest,
             routing.sorted_pairs, routing.block_expert, topk_weights.contiguous(),
             n, k, pairs, top_k, a.stride(0), words.stride(0), words.stride(1),
-            scales.stride(0), scales.stride(1), dest.stride(0), padded_k(k) // CHUNK_K,
+            scales.stride(0), scales.stride(1), dest.stride(0), dest.stride(1), chunks,
+            triton.cdiv(chunks, split),
             BLOCK_N=tile.block_n, BLOCK_M=cfg.block_m, GATED=gated, ACTIVATION=activation,
             K_EXACT=k % CHUNK_K == 0, QUANT_X=quantize_activations,
             DTYPE=decode.dtype, MAG_SHIFT=decode.mag_shift, SCALE_SHIFT=decode.scale_shift,
@@ -241,7 +261,8 @@ def fused_moe(
         )
     block_h = min(1024, triton.next_power_of_2(h))
     _topk_sum_kernel[(m, triton.cdiv(h, block_h))](
-        routed, topk_ids, out, h, prepared.first_expert, prepared.experts,
+        routed, topk_ids, out, h, prepared.first_expert, prepared.experts, splits,
+        routed.stride(0),
         TOP_K=top_k, BLOCK_H=block_h, num_warps=4,
     )
     return out

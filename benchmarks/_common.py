@@ -1,0 +1,118 @@
+"""Shared helpers of the kernel benchmarks (CUDA): the two ceilings, graph timing, random NVFP4.
+
+Timing: each measured callable is one layer call on its own inputs; ``graph_time_us`` captures a
+list of them (rotating inputs and, where the weights would fit in L2, rotating weight copies or
+routings, so no call finds its weights in L2) in one CUDA graph and reports the median over
+replays of the graph time divided by the number of calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from quantoracle.schemes.tensors import NVFP4Tensor  # noqa: E402
+
+
+def _event_ms(fn, reps: int) -> list[float]:
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    b.copy_(a)
+    ms = statistics.median(_event_ms(lambda: b.copy_(a), 20))
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def matmul_rate(n: int = 8192) -> float:
+    """FLOP/s of an n x n x n bf16 torch.mm on random data."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    torch.mm(a, b)
+    ms = statistics.median(_event_ms(lambda: torch.mm(a, b), 20))
+    return 2 * n**3 / (ms * 1e-3)
+
+
+def graph_time_us(calls, target_s: float = 0.25, max_reps: int = 50) -> float:
+    """Median microseconds per call of ``calls`` (closures), replayed as one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up: compile, allocate
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    estimate_ms = statistics.median(_event_ms(graph.replay, 3))
+    reps = max(5, min(max_reps, int(target_s * 1e3 / max(estimate_ms, 1e-3))))
+    ms = statistics.median(_event_ms(graph.replay, reps))
+    del graph
+    return ms * 1e3 / len(calls)
+
+
+def random_nvfp4(lead: tuple[int, ...], rows: int, cols: int, shards: int, seed: int) -> NVFP4Tensor:
+    """Random NVFP4 weights on the GPU: uniform codes, block scales 4..448, global ~1e-4
+    (weights of a few 1e-2): realistic bytes for timing, no quantizer needed."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    packed = torch.randint(0, 256, (*lead, rows, cols // 2), dtype=torch.uint8, device="cuda",
+                           generator=g)
+    scales = torch.randint(0x50, 0x7F, (*lead, rows, cols // 16), dtype=torch.uint8,
+                           device="cuda", generator=g).view(torch.float8_e4m3fn)
+    global_scale = (torch.rand(*lead, shards, device="cuda", generator=g) + 0.5) * 2e-5
+    return NVFP4Tensor(packed, scales, global_scale)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def device_info() -> dict:
+    props = torch.cuda.get_device_properties(0)
+    import triton
+
+    return {
+        "device": torch.cuda.get_device_name(),
+        "sms": props.multi_processor_count,
+        "l2_bytes": props.L2_cache_size,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def write_json(out_dir: str, name: str, data) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    return path
+
+
+def fmt_table(headers: list[str], rows: list[list]) -> str:
+    cells = [headers] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = [" | ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""Dense W4A16 NVFP4 GEMM (triton_nvfp4) against cuBLAS bf16, on a CUDA GPU.
+
+For every shape (N x K) and M: correctness first (bf16 activations vs the reference backend on the
+GPU), then CUDA-graph median timings with rotating weight copies (no call finds its weights in
+L2), the floor (weight bytes at 4.5 bits / measured copy bandwidth, or FLOPs / measured bf16
+matmul rate, whichever is larger), a printed table and JSON in ``--out``.
+
+    python benchmarks/bench_gemm.py --out DIR [--tune] [--shapes 4096x4096] [--ms 1,16]
+
+``--tune`` first times the candidate configs of each (shape, M) and keeps the fastest (printed
+as a ``configs.DENSE`` table to paste).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from _common import (
+    copy_bandwidth, device_info, fmt_table, graph_time_us, matmul_rate, random_nvfp4, rel_err,
+    write_json,
+)
+from quantoracle.backends.reference.linear import linear as reference_linear
+from quantoracle.backends.triton_nvfp4 import configs
+from quantoracle.backends.triton_nvfp4.gemm import linear, prepare_linear
+from quantoracle.backends.triton_nvfp4.layout import CHUNK_K, padded_k
+
+SHAPES = [(4096, 4096), (28672, 8192)]
+MS = [1, 16, 64, 256, 1024, 4096]
+PEERS = {  # DESIGN.md: Marlin NVFP4 / cuBLAS bf16, H100, microseconds
+    (4096, 4096): {1: (14.5, 23.6), 4096: (408.0, 177.0)},
+    (28672, 8192): {1: (72.6, 175.8), 4096: (5825.0, 2538.0)},
+}
+
+
+def candidates(m: int, k: int) -> list[configs.DenseConfig]:
+    d = configs.DenseConfig
+    chunks = padded_k(k) // CHUNK_K
+    if m <= 16:
+        return [d(bn, 16, s, warps, 4) for bn, warps in ((32, 2), (64, 2), (64, 4), (128, 4))
+                for s in (1, 2, 4, 8) if s <= chunks // 2 or s == 1]
+    if m <= 64:
+        return [d(64, 64, s, 4, 4) for s in (1, 2, 4)] + [d(128, 64, s, 4, 3) for s in (1, 2)]
+    return [d(128, 128, 1, 8, 3), d(128, 256, 1, 8, 2), d(256, 128, 1, 8, 2),
+            d(128, 64, 1, 4, 3), d(64, 128, 1, 4, 3)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--tune", action="store_true")
+    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
+    parser.add_argument("--ms", default=",".join(map(str, MS)))
+    args = parser.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ms = [int(v) for v in args.ms.split(",")]
+
+    info = device_info()
+    bandwidth, rate = copy_bandwidth(), matmul_rate()
+    print(f"{info['device']}: copy {bandwidth / 1e12:.2f} TB/s, bf16 mm {rate / 1e12:.0f} TFLOP/s")
+    results, tuning = [], []
+    for n, k in shapes:
+        weight = random_nvfp4((), n, k, 1, seed=n + k)
+        weight_bytes = n * k * 4.5 / 8
+        copies = max(2, min(16, math.ceil(4 * info["l2_bytes"] / weight_bytes)))
+        prepared = [prepare_linear(weight) for _ in range(copies)]
+        dense = weight.dequantize(torch.bfloat16)
+        bf16_copies = [dense] + [dense.clone() for _ in range(max(1, min(copies, math.ceil(
+            4 * info["l2_bytes"] / dense.numel() / 2))) - 1)]
+        table = configs.DENSE.setdefault((n, k), dict(configs.DENSE["default"]))
+        for m in ms:
+            xs = [torch.randn(m, k, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
+            out = linear(xs[0], prepared[0])
+            err = rel_err(out, reference_linear(xs[0], weight))
+            assert err < 1e-2, f"{n}x{k} M={m}: relative error {err:.2e}"
+            calls = [lambda x=x, p=p: linear(x, p) for x, p in zip(xs, prepared)]
+            if args.tune:
+                timed = []
+                for cfg in candidates(m, k):
+                    table[configs.bucket(m)] = cfg
+                    entry = {"shape": [n, k], "m": m, "config": cfg.__dict__}
+                    try:
+                        us = graph_time_us(calls, target_s=0.1)
+                    except Exception as exc:  # a config the device cannot run: skip it
+                        us, entry["error"] = float("inf"), repr(exc)[:200]
+                    timed.append((us, cfg))
+                    tuning.append({**entry, "us": us})
+                table[configs.bucket(m)] = min(timed, key=lambda t: t[0])[1]
+            ours = graph_time_us(calls)
+            cublas = graph_time_us([lambda x=x, w=bf16_copies[i % len(bf16_copies)]:
+                                    torch.mm(x, w.T) for i, x in enumerate(xs)])
+            floor = max(weight_bytes / bandwidth, 2 * m * n * k / rate) * 1e6
+            marlin, cublas_peer = PEERS.get((n, k), {}).get(m, (None, None))
+            results.append({
+                "shape": [n, k], "m": m, "us": ours, "cublas_us": cublas, "floor_us": floor,
+                "speedup_vs_cublas": cublas / ours, "floor_fraction": floor / ours,
+                "achieved_tb_s": weight_bytes / ours / 1e6, "rel_err": err,
+                "config": configs.dense_config(m, n, k, padded_k(k) // CHUNK_K).__dict__,
+                "peer_marlin_us": marlin, "peer_cublas_us": cublas_peer,
+            })
+            r = results[-1]
+            print(f"{n}x{k} M={m}: {ours:.1f} us, cuBLAS {cublas:.1f} us, floor {floor:.1f} us, "
+                  f"err {err:.1e}, {r['config']}", flush=True)
+        del prepared, bf16_copies, dense
+        torch.cuda.empty_cache()
+
+    headers = ["N x K", "M", "us", "cuBLAS us", "x cuBLAS", "floor us", "% floor", "TB/s",
+               "Marlin(peer)", "cuBLAS(peer)"]
+    rows = [[f"{r['shape'][0]}x{r['shape'][1]}", r["m"], r["us"], r["cublas_us"],
+             r["speedup_vs_cublas"], r["floor_us"], 100 * r["floor_fraction"],
+             r["achieved_tb_s"], r["peer_marlin_us"] or "", r["peer_cublas_us"] or ""]
+            for r in results]
+    print(fmt_table(headers, rows))
+    if args.tune:
+        print("tuned configs.DENSE entries:")
+        for shape in shapes:
+            print(f"    {shape}: {{" + ", ".join(
+                f"{b}: _d({c.block_n}, {c.block_m}, {c.split_k}, {c.num_warps}, {c.num_stages})"
+                for b, c in sorted(configs.DENSE[shape].items())) + "},")
+    path = write_json(args.out, "bench_gemm.json", {
+        "info": info, "copy_bandwidth": bandwidth, "matmul_rate": rate,
+        "results": results, "tuning": tuning,
+    })
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
