@@ -140,6 +140,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from quantoracle import demo
 
     report = demo.run(device=None if args.device is None else _torch_device(args.device), progress=not args.json)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -215,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("demo", help="write a small NVFP4 MoE checkpoint, resolve and run it, compare with bf16")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if present)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--out", default=None, help="also write the JSON report to this file")
     p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("bench", help="time resolve over the full matrix (cold and cached)")
