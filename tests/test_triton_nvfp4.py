@@ -18,6 +18,7 @@ if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"  # read when triton.jit decorates: before any import
 triton = pytest.importorskip("triton")
 
+import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from quantoracle.backends.reference import linear as reference_linear  # noqa: E402
@@ -139,10 +140,10 @@ def test_align_groups_local_pairs_by_expert(m, top_k, experts, first, block_m):
     ids = torch.randint(0, experts + 4, (m, top_k), generator=g).to(DEVICE)
     routing = align.align(ids, experts, first, block_m)
     assert routing.blocks == align.max_blocks(m * top_k, experts, block_m)
-    owners = routing.block_expert.cpu()
-    used = int((owners >= 0).sum())
-    assert (owners[:used] >= 0).all() and (owners[used:] == -1).all()
-    assert (owners[:used].diff() >= 0).all()
+    ends = routing.block_ends.cpu()
+    used = int(ends[-1])
+    assert used <= routing.blocks and (ends.diff() >= 0).all()
+    owners = torch.searchsorted(ends, torch.arange(used), right=True)
     flat = ids.flatten().cpu() - first
     seen = []
     for block, slots in enumerate(routing.sorted_pairs.cpu().view(-1, block_m)[:used]):
@@ -151,6 +152,22 @@ def test_align_groups_local_pairs_by_expert(m, top_k, experts, first, block_m):
             seen.append(pair)
     local = ((flat >= 0) & (flat < experts)).nonzero().flatten().tolist()
     assert sorted(seen) == local
+
+
+@triton.jit
+def _owners_kernel(block_ends_ptr, out_ptr, E, LOG2_E: tl.constexpr):
+    block = tl.program_id(0)
+    tl.store(out_ptr + block, align.block_expert(block_ends_ptr, block, E, LOG2_E))
+
+
+@pytest.mark.parametrize("experts", [1, 4, 6])
+def test_block_expert_finds_each_blocks_owner(experts):
+    g = torch.Generator().manual_seed(experts)
+    ends = torch.randint(0, 3, (experts,), generator=g).cumsum(0).to(torch.int32)  # idle ones too
+    blocks = int(ends[-1]) + 3
+    out = torch.empty(blocks, dtype=torch.int32, device=DEVICE)
+    _owners_kernel[(blocks,)](ends.to(DEVICE), out, experts, LOG2_E=experts.bit_length())
+    assert torch.equal(out.cpu(), torch.searchsorted(ends, torch.arange(blocks), right=True).int())
 
 
 # ----------------------------------------------------------------------------- dense
@@ -186,18 +203,16 @@ def test_linear_w4a4_emulation_per_shard(m, n, k):
     _close(out.cpu(), ref, torch.float16)
 
 
+@triton.jit
+def _quantize_blocks_kernel(x_ptr, out_ptr, scale_ptr, M: tl.constexpr):
+    offs = tl.arange(0, 16)[:, None] + tl.arange(0, M)[None, :] * 16  # [16, M]: x^T blocks
+    gs, inv_gs = gemm.activation_scales(scale_ptr, True)
+    q = gemm._fake_quant_block(tl.load(x_ptr + offs), gs, inv_gs, tl.float32)
+    tl.store(out_ptr + offs, q)
+
+
 def test_activation_quantization_matches_nvfp4_exactly():
     """The prologue's codes and block scales are the bytes nvfp4.quantize_activation gives."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def quantize_blocks(x_ptr, out_ptr, scale_ptr, M: tl.constexpr):
-        offs = tl.arange(0, 16)[:, None] + tl.arange(0, M)[None, :] * 16  # [16, M]: x^T blocks
-        gs, inv_gs = gemm.activation_scales(scale_ptr, True)
-        q = gemm._fake_quant_block(tl.load(x_ptr + offs), gs, inv_gs, tl.float32)
-        tl.store(out_ptr + offs, q)
-
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 16, generator=g) * torch.rand(64, 1, generator=g) * 10
     x[3] = 0.0  # an all-zero block: scale 0, codes 0
@@ -206,7 +221,7 @@ def test_activation_quantization_matches_nvfp4_exactly():
                          -3.5, -5, 0])
     input_scale = torch.tensor([1.0])
     out = torch.empty_like(x, device=DEVICE)
-    quantize_blocks[(1,)](x.to(DEVICE), out, input_scale.to(DEVICE), M=64)
+    _quantize_blocks_kernel[(1,)](x.to(DEVICE), out, input_scale.to(DEVICE), M=64)
     packed, scale = nvfp4.quantize_activation(x, input_scale[0])
     expected = nvfp4.decode_e2m1(nvfp4.unpack_fp4(packed)) * scale.float().repeat_interleave(16, -1)
     assert torch.equal(out.cpu(), expected)

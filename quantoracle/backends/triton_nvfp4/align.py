@@ -1,8 +1,9 @@
 """Sort routed (token, slot) pairs by local expert into blocks of ``block_m``, on the GPU.
 
 One single-program Triton kernel, no host synchronization (CUDA-graph capturable): the grid of
-the GEMMs that follow is sized from shapes alone by :func:`max_blocks`, and blocks past the
-real count are marked expert -1 so those programs exit at once.
+the GEMMs that follow is sized from shapes alone by :func:`max_blocks`; a GEMM program finds its
+block's expert with :func:`block_expert` (a binary search in ``block_ends``) and exits at once
+past the real block count.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import triton
 import triton.language as tl
 
 _CHUNK = 1024
-_BLOCK_CHUNK = 32
 
 
 @dataclass(frozen=True)
@@ -24,23 +24,35 @@ class Routing:
     - ``sorted_pairs`` int32 ``[blocks * block_m]``: pair ids ``p = token * top_k + slot``,
       grouped by local expert, each expert's run padded to a multiple of ``block_m`` with the
       sentinel ``pairs`` (= M * top_k). Pairs routed to non-local experts appear nowhere.
-    - ``block_expert`` int32 ``[blocks]``: the local expert of each block, -1 past the end.
+    - ``block_ends`` int32 ``[E]``: local expert e owns blocks ``[block_ends[e - 1],
+      block_ends[e])``; ``block_ends[E - 1]`` is the number of blocks in use.
+    - ``blocks``: the grid size, :func:`max_blocks`.
     """
 
     sorted_pairs: torch.Tensor
-    block_expert: torch.Tensor
+    block_ends: torch.Tensor
     block_m: int
     pairs: int
-
-    @property
-    def blocks(self) -> int:
-        return self.block_expert.numel()
+    blocks: int
 
 
 def max_blocks(pairs: int, experts: int, block_m: int) -> int:
     """An upper bound of the blocks any routing of ``pairs`` pairs over ``experts`` needs:
     ``sum_e ceil(n_e / block_m) <= ceil(pairs / block_m) + min(experts, pairs)``."""
     return triton.cdiv(pairs, block_m) + min(experts, pairs)
+
+
+@triton.jit
+def block_expert(block_ends_ptr, block, E, LOG2_E: tl.constexpr):
+    """The local expert owning ``block``: the number of experts whose blocks end at or before
+    it, by binary search over ``block_ends`` (``2^LOG2_E > E``); E when ``block`` is past the
+    blocks in use."""
+    expert = block * 0
+    for i in tl.static_range(LOG2_E):
+        candidate = expert + (1 << (LOG2_E - 1 - i))
+        end = tl.load(block_ends_ptr + candidate - 1, mask=candidate <= E, other=block + 1)
+        expert = tl.where(end <= block, candidate, expert)
+    return expert
 
 
 @triton.jit
@@ -52,10 +64,9 @@ def _local_ids(topk_ids_ptr, offs, P, first_expert, E, NONLOCAL: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["P", "first_expert", "BLOCKS"])
-def _align_kernel(topk_ids_ptr, sorted_ptr, block_expert_ptr, cursor_ptr,
+def _align_kernel(topk_ids_ptr, sorted_ptr, block_ends_ptr, cursor_ptr,
                   P, first_expert, E, BLOCKS,
-                  BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
-                  CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr):
+                  BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
     # 1. Pairs per local expert (bin E_PAD - 1 collects the non-local ones).
     counts = tl.zeros((E_PAD,), dtype=tl.int32)
     for p0 in range(0, P, CHUNK):
@@ -64,19 +75,14 @@ def _align_kernel(topk_ids_ptr, sorted_ptr, block_expert_ptr, cursor_ptr,
     experts = tl.arange(0, E_PAD)
     blocks = tl.where(experts < E, (counts + BLOCK_M - 1) // BLOCK_M, 0)
     ends = tl.cumsum(blocks, 0)
-    total = tl.sum(blocks, 0)
-    # 2. Each block's expert: the number of experts whose blocks end at or before it.
-    for b0 in range(0, BLOCKS, BLOCK_CHUNK):
-        b = b0 + tl.arange(0, BLOCK_CHUNK)
-        owner = tl.sum((ends[None, :] <= b[:, None]).to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + b, tl.where(b < total, owner, -1), mask=b < BLOCKS)
-    # 3. Padding sentinels everywhere, and each expert's write cursor at its first slot.
+    tl.store(block_ends_ptr + experts, ends, mask=experts < E)
+    # 2. Padding sentinels everywhere, and each expert's write cursor at its first slot.
     for q0 in range(0, BLOCKS * BLOCK_M, CHUNK):
         q = q0 + tl.arange(0, CHUNK)
         tl.store(sorted_ptr + q, tl.full((CHUNK,), 0, tl.int32) + P, mask=q < BLOCKS * BLOCK_M)
     tl.store(cursor_ptr + experts, (ends - blocks) * BLOCK_M, mask=experts < E)
     tl.debug_barrier()
-    # 4. Scatter each local pair to its expert's next slot (order within an expert is free).
+    # 3. Scatter each local pair to its expert's next slot (order within an expert is free).
     for p0 in range(0, P, CHUNK):
         offs = p0 + tl.arange(0, CHUNK)
         ids, local = _local_ids(topk_ids_ptr, offs, P, first_expert, E, 0)
@@ -91,12 +97,11 @@ def align(topk_ids: torch.Tensor, experts: int, first_expert: int, block_m: int)
     blocks = max_blocks(pairs, experts, block_m)
     device = topk_ids.device
     sorted_pairs = torch.empty(blocks * block_m, dtype=torch.int32, device=device)
-    block_expert = torch.empty(blocks, dtype=torch.int32, device=device)
+    block_ends = torch.empty(experts, dtype=torch.int32, device=device)
     cursor = torch.empty(experts, dtype=torch.int32, device=device)
     _align_kernel[(1,)](
-        topk_ids.contiguous(), sorted_pairs, block_expert, cursor,
+        topk_ids.contiguous(), sorted_pairs, block_ends, cursor,
         pairs, first_expert, experts, blocks,
-        BLOCK_M=block_m, E_PAD=triton.next_power_of_2(experts + 1),
-        CHUNK=_CHUNK, BLOCK_CHUNK=_BLOCK_CHUNK, num_warps=8,
+        BLOCK_M=block_m, E_PAD=triton.next_power_of_2(experts + 1), CHUNK=_CHUNK, num_warps=8,
     )
-    return Routing(sorted_pairs, block_expert, block_m, pairs)
+    return Routing(sorted_pairs, block_ends, block_m, pairs, blocks)

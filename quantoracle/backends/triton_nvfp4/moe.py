@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from quantoracle.backends.triton_nvfp4 import configs
-from quantoracle.backends.triton_nvfp4.align import align
+from quantoracle.backends.triton_nvfp4.align import align, block_expert
 from quantoracle.backends.triton_nvfp4.gemm import (
     DECODE,
     activation_scales,
@@ -42,10 +42,11 @@ ACTIVATIONS = ("silu", "gelu")
 @triton.jit(do_not_specialize=["P", "CHUNKS_PER_SPLIT"])  # one kernel for every batch size
 def _moe_gemm_kernel(
     a_ptr, w_ptr, s_ptr, gscale_ptr, iscale_ptr, out_ptr,
-    sorted_ptr, block_expert_ptr, topk_w_ptr,
-    N, K, P, TOP_K, stride_am, stride_we, stride_wb, stride_se, stride_sc, stride_os, stride_om,
+    sorted_ptr, block_ends_ptr, topk_w_ptr,
+    N, K, P, TOP_K, E, stride_am, stride_we, stride_wb, stride_se, stride_sc, stride_os, stride_om,
     CHUNKS, CHUNKS_PER_SPLIT,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
+    LOG2_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GATED: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     K_EXACT: tl.constexpr, QUANT_X: tl.constexpr,
     DTYPE: tl.constexpr, MAG_SHIFT: tl.constexpr, SCALE_SHIFT: tl.constexpr,
     SCALE_BASE: tl.constexpr, UNFOLD: tl.constexpr,
@@ -60,8 +61,8 @@ def _moe_gemm_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert < 0:
+    expert = block_expert(block_ends_ptr, pid_m, E, LOG2_E)
+    if expert >= E:
         return
     pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     pair_ok = pairs < P
@@ -249,10 +250,10 @@ def fused_moe(
         grid = (routing.blocks, triton.cdiv(n, tile.block_n), split)
         _moe_gemm_kernel[grid](
             a, words, scales, gscale, iscale if quantize_activations else gscale, dest,
-            routing.sorted_pairs, routing.block_expert, topk_weights.contiguous(),
-            n, k, pairs, top_k, a.stride(0), words.stride(0), words.stride(1),
+            routing.sorted_pairs, routing.block_ends, topk_weights.contiguous(),
+            n, k, pairs, top_k, prepared.experts, a.stride(0), words.stride(0), words.stride(1),
             scales.stride(0), scales.stride(1), dest.stride(0), dest.stride(1), chunks,
-            triton.cdiv(chunks, split),
+            triton.cdiv(chunks, split), LOG2_E=prepared.experts.bit_length(),
             BLOCK_N=tile.block_n, BLOCK_M=cfg.block_m, GATED=gated, ACTIVATION=activation,
             K_EXACT=k % CHUNK_K == 0, QUANT_X=quantize_activations,
             DTYPE=decode.dtype, MAG_SHIFT=decode.mag_shift, SCALE_SHIFT=decode.scale_shift,
