@@ -57,7 +57,8 @@ def block_expert(block_ends_ptr, block, E, LOG2_E: tl.constexpr):
 
 @triton.jit
 def _local_ids(topk_ids_ptr, offs, P, first_expert, E, NONLOCAL: tl.constexpr):
-    """Local expert ids of pairs ``offs``; NONLOCAL for non-local experts and ``offs >= P``."""
+    """Local expert ids of pairs ``offs`` (NONLOCAL for non-local experts and ``offs >= P``),
+    and whether each is local."""
     ids = tl.load(topk_ids_ptr + offs, mask=offs < P, other=0).to(tl.int32) - first_expert
     local = (offs < P) & (ids >= 0) & (ids < E)
     return tl.where(local, ids, NONLOCAL), local
@@ -67,19 +68,25 @@ def _local_ids(topk_ids_ptr, offs, P, first_expert, E, NONLOCAL: tl.constexpr):
 def _align_kernel(topk_ids_ptr, sorted_ptr, block_ends_ptr, cursor_ptr,
                   P, first_expert, E, BLOCKS,
                   BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
-    # 1. Pairs per local expert (bin E_PAD - 1 collects the non-local ones).
-    counts = tl.zeros((E_PAD,), dtype=tl.int32)
-    for p0 in range(0, P, CHUNK):
-        ids, _ = _local_ids(topk_ids_ptr, p0 + tl.arange(0, CHUNK), P, first_expert, E, E_PAD - 1)
-        counts += tl.histogram(ids, E_PAD)
+    # 1. Pairs per local expert: relaxed atomic increments of zeroed counters (no returned
+    # values: fire-and-forget reductions in L2). A tl.histogram count took 140 us for 32768
+    # pairs over 256 experts on an H100.
     experts = tl.arange(0, E_PAD)
-    blocks = tl.where(experts < E, (counts + BLOCK_M - 1) // BLOCK_M, 0)
+    tl.store(cursor_ptr + experts, tl.zeros((E_PAD,), dtype=tl.int32), mask=experts < E)
+    tl.debug_barrier()
+    for p0 in range(0, P, CHUNK):
+        ids, local = _local_ids(topk_ids_ptr, p0 + tl.arange(0, CHUNK), P, first_expert, E, 0)
+        tl.atomic_add(cursor_ptr + ids, 1, mask=local, sem="relaxed")
+    tl.debug_barrier()
+    counts = tl.load(cursor_ptr + experts, mask=experts < E, other=0, cache_modifier=".cg")
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
     ends = tl.cumsum(blocks, 0)
     tl.store(block_ends_ptr + experts, ends, mask=experts < E)
     # 2. Padding sentinels everywhere, and each expert's write cursor at its first slot.
     for q0 in range(0, BLOCKS * BLOCK_M, CHUNK):
         q = q0 + tl.arange(0, CHUNK)
         tl.store(sorted_ptr + q, tl.full((CHUNK,), 0, tl.int32) + P, mask=q < BLOCKS * BLOCK_M)
+    tl.debug_barrier()  # every counter is read before it becomes a cursor
     tl.store(cursor_ptr + experts, (ends - blocks) * BLOCK_M, mask=experts < E)
     tl.debug_barrier()
     # 3. Scatter each local pair to its expert's next slot (order within an expert is free).
@@ -102,6 +109,6 @@ def align(topk_ids: torch.Tensor, experts: int, first_expert: int, block_m: int)
     _align_kernel[(1,)](
         topk_ids.contiguous(), sorted_pairs, block_ends, cursor,
         pairs, first_expert, experts, blocks,
-        BLOCK_M=block_m, E_PAD=triton.next_power_of_2(experts + 1), CHUNK=_CHUNK, num_warps=8,
+        BLOCK_M=block_m, E_PAD=triton.next_power_of_2(experts), CHUNK=_CHUNK, num_warps=8,
     )
     return Routing(sorted_pairs, block_ends, block_m, pairs, blocks)
