@@ -72,7 +72,8 @@ def graph_time_us(calls, target_s: float = 0.25, max_reps: int = 50) -> float:
     return ms * 1e3 / len(calls)
 
 
-def random_nvfp4(lead: tuple[int, ...], rows: int, cols: int, shards: int, seed: int) -> NVFP4Tensor:
+def random_nvfp4(lead: tuple[int, ...], rows: int, cols: int, shards: int,
+                 seed: int) -> NVFP4Tensor:
     """Random NVFP4 weights on the GPU: uniform codes, block scales 4..448, global ~1e-4
     (weights of a few 1e-2): realistic bytes for timing, no quantizer needed."""
     g = torch.Generator(device="cuda").manual_seed(seed)

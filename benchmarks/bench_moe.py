@@ -203,7 +203,8 @@ def main() -> None:
                 "rel_err_reference": ref_err, "rel_err_bf16": base_err,
                 "config": {"block_m": cfg.block_m, "up": cfg.up.__dict__,
                            "down": cfg.down.__dict__},
-                "design_floor_us": design.get("floor"), "design_fp4_peer_us": design.get("fp4_peer"),
+                "design_floor_us": design.get("floor"),
+                "design_fp4_peer_us": design.get("fp4_peer"),
                 "design_bf16_triton_us": design.get("bf16_triton"), "kernels_us": breakdown,
             })
             print(f"{shape} M={m}: {ours:.1f} us, bf16 {base and round(base, 1)} us, floor "

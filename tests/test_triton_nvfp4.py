@@ -296,7 +296,8 @@ def test_fused_moe_with_no_local_tokens_is_zero():
     weights = _moe_weights(2, 128, 32, 4, False)
     x = _activations(3, 128, torch.float16, seed=1).to(DEVICE)
     ids = torch.tensor([[0, 1], [2, 3], [6, 7]], device=DEVICE)
-    out = moe.fused_moe(x, moe.prepare_moe(weights.to(DEVICE)), torch.ones(3, 2, device=DEVICE), ids)
+    prepared = moe.prepare_moe(weights.to(DEVICE))
+    out = moe.fused_moe(x, prepared, torch.ones(3, 2, device=DEVICE), ids)
     assert torch.equal(out, torch.zeros_like(out))
 
 

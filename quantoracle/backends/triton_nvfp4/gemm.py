@@ -135,8 +135,8 @@ def _sub_dot(acc, w, scale_word, J: tl.constexpr, x, gs, inv_gs, gs_odd, inv_gs_
     if QUANT_X:
         if ODD_ROWS_OWN_SCALE:
             odd = (tl.arange(0, w.shape[0]) % 2 == 1)[:, None]
-            acc = tl.dot(tl.where(odd, 0.0, w).to(DTYPE), _fake_quant_block(x, gs, inv_gs, DTYPE),
-                         acc)
+            x_even = _fake_quant_block(x, gs, inv_gs, DTYPE)
+            acc = tl.dot(tl.where(odd, 0.0, w).to(DTYPE), x_even, acc)
             x_odd = _fake_quant_block(x, gs_odd, inv_gs_odd, DTYPE)
             return tl.dot(tl.where(odd, w, 0.0).to(DTYPE), x_odd, acc)
         return tl.dot(w, _fake_quant_block(x, gs, inv_gs, DTYPE), acc)
@@ -160,9 +160,10 @@ def mma_chunks(acc, w_ptrs, s_ptrs, x_ptrs, x_mask, k_index, chunk_start, chunk_
     """The K loop every kernel shares: ``acc[BN, BM] += W[rows, k] x^T[k, tokens]`` over the
     128-element chunks ``[chunk_start, chunk_end)``, unscaled by the global scales.
 
-    ``w_ptrs`` ``[BN, 16]``: chunk 0's words (:func:`word_tile_ptrs`); ``s_ptrs`` ``[BN]``: chunk 0's int64 scale
-    words (chunks are ``stride_sc`` apart); ``x_ptrs`` ``[16, BM]``: x^T's first sub-tile, with
-    ``x_mask`` its token mask and ``k_index`` ``[16, 1]`` = 0..15. QUANT_X: see ``_sub_dot``.
+    ``w_ptrs`` ``[BN, 16]``: chunk 0's words (:func:`word_tile_ptrs`); ``s_ptrs`` ``[BN]``:
+    chunk 0's int64 scale words (chunks are ``stride_sc`` apart); ``x_ptrs`` ``[16, BM]``: x^T's
+    first sub-tile, with ``x_mask`` its token mask and ``k_index`` ``[16, 1]`` = 0..15.
+    QUANT_X: see ``_sub_dot``.
     """
     for c in range(chunk_start, chunk_end):
         words = tl.load(w_ptrs + c * 256).to(tl.uint32, bitcast=True)
@@ -277,15 +278,15 @@ class PreparedLinear:
 
     @property
     def nbytes(self) -> int:
-        return self.words.numel() * 4 + self.scales.numel() + self.row_scale.numel() * 4
+        return sum(t.numel() * t.element_size() for t in (self.words, self.scales, self.row_scale))
 
 
 def prepare_linear(weight: NVFP4Tensor) -> PreparedLinear:
     """Re-lay a Linear's NVFP4 weight (no lead dims) for :func:`linear` (see ``layout.py``)."""
     if weight.packed.dim() != 2:
         raise NumericsError(
-            f"prepare_linear takes one [N, K/2] weight, found packed {tuple(weight.packed.shape)}; "
-            "use prepare_moe for stacked experts"
+            f"prepare_linear takes one [N, K/2] weight, found packed "
+            f"{tuple(weight.packed.shape)}; use prepare_moe for stacked experts"
         )
     n = weight.rows
     words, scales = relayout(weight.packed, weight.block_scale)
@@ -302,7 +303,7 @@ def prepare_linear(weight: NVFP4Tensor) -> PreparedLinear:
 
 
 def check_activations(x: torch.Tensor, k: int, what: str) -> None:
-    """Raise NumericsError unless x is a bf16/fp16 CUDA-or-CPU tensor with last dim k."""
+    """Raise NumericsError unless x is a bf16 or fp16 tensor whose last dim is k."""
     if x.dtype not in ACTIVATION_DTYPES:
         raise NumericsError(
             f"{what}: activations must be bfloat16 or float16, found {x.dtype}; cast x first"
