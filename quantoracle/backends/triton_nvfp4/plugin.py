@@ -2,6 +2,7 @@
 dequantization, for CUDA GPUs from Ampere (sm80) on; exact W4A4 by emulation."""
 
 from quantoracle.backends.base import KernelBackend, Kernels
+from quantoracle.backends.triton_nvfp4 import CONSTRAINTS
 from quantoracle.oracle import BackendSpec, SchemeSupport, hookimpl
 from quantoracle.schemes.keys import NVFP4_ACT_DYNAMIC, NVFP4_WEIGHT
 
@@ -14,10 +15,11 @@ SPEC = BackendSpec(
         SchemeSupport(weight=NVFP4_WEIGHT, activation=NVFP4_ACT_DYNAMIC, emulated=True),
     ),
     platforms={"cuda"},
-    min_capability=(8, 0),
-    dtypes={"bfloat16", "float16"},
-    moe_activations={"silu"},
-    k_multiple_of=16,
+    min_capability=CONSTRAINTS.min_capability,
+    dtypes=CONSTRAINTS.activation_dtypes,
+    moe_activations=CONSTRAINTS.moe_activations,
+    k_multiple_of=CONSTRAINTS.k_multiple_of,
+    expert_parallel=CONSTRAINTS.expert_parallel,
     requires=("triton",),
     priority=10,
 )
