@@ -7,32 +7,23 @@ computes bf16 dots wrongly); with a GPU the same tests run compiled, in bf16 too
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
+
+from quantoracle.backends.reference import linear as reference_linear
+from quantoracle.backends.reference import moe as reference_moe
+from quantoracle.backends.triton_nvfp4 import align, configs, gemm, layout, moe
+from quantoracle.errors import NumericsError
+from quantoracle.schemes import nvfp4
+from quantoracle.schemes.tensors import MoEWeights, NVFP4Tensor
 
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"  # read when triton.jit decorates: before any import
-triton = pytest.importorskip("triton")
-
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from quantoracle.backends.reference import linear as reference_linear  # noqa: E402
-from quantoracle.backends.reference import moe as reference_moe  # noqa: E402
-from quantoracle.backends.triton_nvfp4 import align, configs, gemm, layout, moe  # noqa: E402
-from quantoracle.errors import NumericsError  # noqa: E402
-from quantoracle.schemes import nvfp4  # noqa: E402
-from quantoracle.schemes.tensors import MoEWeights, NVFP4Tensor  # noqa: E402
-
-if not ON_GPU and not isinstance(triton.language.standard.sum, InterpretedFunction):
-    # Triton was imported earlier in this session without the interpreter: decorate its
-    # library functions and our kernels again, now interpreted.
-    for module in (triton.language.standard, triton.language, align, gemm, moe):
-        importlib.reload(module)
+# tests/conftest.py sets TRITON_INTERPRET=1 before any kernel module is imported
+assert ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]
