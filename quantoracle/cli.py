@@ -93,7 +93,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    from quantoracle.inspect import describe_force, parse_force, resolve_checkpoint
+    from quantoracle.checkpoint_resolution import describe_force, parse_force, resolve_checkpoint
 
     force = parse_force(args.force)
     result = resolve_checkpoint(
