@@ -1,20 +1,27 @@
 """Dense W4A16 NVFP4 GEMM (triton_nvfp4) against cuBLAS bf16, on a CUDA GPU.
 
 For every shape (N x K) and M: correctness first (bf16 activations vs the reference backend on the
-GPU), then CUDA-graph median timings with rotating weight copies (no call finds its weights in
-L2), the floor (weight bytes at 4.5 bits / measured copy bandwidth, or FLOPs / measured bf16
-matmul rate, whichever is larger), a printed table and JSON in ``--out``.
+GPU, for each path timed), then CUDA-graph median timings with rotating weight copies (no call
+finds its weights in L2), the floor (weight bytes at 4.5 bits / measured copy bandwidth, or FLOPs /
+measured bf16 matmul rate, whichever is larger), a printed table and JSON in ``--out``.
+
+From M = 64 on, both paths of ``linear`` are checked and timed: the fused kernel and the
+large-M path (dequantize in row chunks, then cuBLAS); "us" is the one ``configs.DEQUANTIZE``
+selects.
 
     python benchmarks/bench_gemm.py --out DIR [--tune] [--shapes 4096x4096] [--ms 1,16]
 
-``--tune`` first times the candidate configs of each (shape, M) and keeps the fastest (printed
-as a ``configs.DENSE`` table to paste).
+``--tune`` first times the candidate configs of each (shape, M) and keeps the fastest, and sets
+each shape's large-M threshold to the smallest M from which the large-M path is the faster at
+every larger M measured (printed as ``configs.DENSE`` / ``configs.DEQUANTIZE`` entries to paste).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import sys
 
 import torch
 
@@ -29,6 +36,8 @@ from quantoracle.backends.triton_nvfp4.layout import CHUNK_K, padded_k
 
 SHAPES = [(4096, 4096), (28672, 8192)]
 MS = [1, 16, 64, 256, 1024, 4096]
+BOTH_PATHS_FROM_M = 64
+PATHS = {"fused": sys.maxsize, "dequantized": 1}  # linear's dequantize_from_m forcing each path
 PEERS = {  # DESIGN.md: Marlin NVFP4 / cuBLAS bf16, H100, microseconds
     (4096, 4096): {1: (14.5, 23.6), 4096: (408.0, 177.0)},
     (28672, 8192): {1: (72.6, 175.8), 4096: (5825.0, 2538.0)},
@@ -45,6 +54,18 @@ def candidates(m: int, k: int) -> list[configs.DenseConfig]:
         return [d(64, 64, s, 4, 4) for s in (1, 2, 4)] + [d(128, 64, s, 4, 3) for s in (1, 2)]
     return [d(128, 128, 1, 8, 3), d(128, 256, 1, 8, 2), d(256, 128, 1, 8, 2),
             d(128, 64, 1, 4, 3), d(64, 128, 1, 4, 3)]
+
+
+def crossover(shape_results: list[dict]) -> int:
+    """The smallest M measured from which the large-M path is the faster at every larger M
+    measured (``sys.maxsize`` if it never is)."""
+    min_m = sys.maxsize
+    for r in sorted(shape_results, key=lambda r: -r["m"]):
+        times = r["path_us"]
+        if "dequantized" not in times or times["dequantized"] >= times["fused"]:
+            break
+        min_m = r["m"]
+    return min_m
 
 
 def main() -> None:
@@ -70,45 +91,60 @@ def main() -> None:
         bf16_copies = [dense] + [dense.clone() for _ in range(max(1, min(copies, math.ceil(
             4 * info["l2_bytes"] / dense.numel() / 2))) - 1)]
         table = configs.DENSE.setdefault((n, k), dict(configs.DENSE["default"]))
+        shape_results = []
         for m in ms:
             xs = [torch.randn(m, k, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
-            out = linear(xs[0], prepared[0])
-            err = rel_err(out, reference_linear(xs[0], weight))
-            assert err < 1e-2, f"{n}x{k} M={m}: relative error {err:.2e}"
-            calls = [lambda x=x, p=p: linear(x, p) for x, p in zip(xs, prepared)]
+            ref = reference_linear(xs[0], weight)
+            paths = PATHS if m >= BOTH_PATHS_FROM_M else {"fused": PATHS["fused"]}
+            errs = {}
+            for path, from_m in paths.items():
+                errs[path] = rel_err(linear(xs[0], prepared[0], dequantize_from_m=from_m), ref)
+                assert errs[path] < 1e-2, f"{n}x{k} M={m} {path}: relative error {errs[path]:.2e}"
+            calls = {path: [lambda x=x, p=p, f=from_m: linear(x, p, dequantize_from_m=f)
+                            for x, p in zip(xs, prepared)] for path, from_m in paths.items()}
             if args.tune:
                 timed = []
                 for cfg in candidates(m, k):
                     table[configs.bucket(m)] = cfg
                     entry = {"shape": [n, k], "m": m, "config": cfg.__dict__}
                     try:
-                        us = graph_time_us(calls, target_s=0.1)
+                        us = graph_time_us(calls["fused"], target_s=0.1)
                     except Exception as exc:  # a config the device cannot run: skip it
                         us, entry["error"] = float("inf"), repr(exc)[:200]
                     timed.append((us, cfg))
                     tuning.append({**entry, "us": us})
                 table[configs.bucket(m)] = min(timed, key=lambda t: t[0])[1]
-            ours = graph_time_us(calls)
+            path_us = {path: graph_time_us(c) for path, c in calls.items()}
             cublas = graph_time_us([lambda x=x, w=bf16_copies[i % len(bf16_copies)]:
                                     torch.mm(x, w.T) for i, x in enumerate(xs)])
             floor = max(weight_bytes / bandwidth, 2 * m * n * k / rate) * 1e6
             marlin, cublas_peer = PEERS.get((n, k), {}).get(m, (None, None))
-            results.append({
-                "shape": [n, k], "m": m, "us": ours, "cublas_us": cublas, "floor_us": floor,
-                "speedup_vs_cublas": cublas / ours, "floor_fraction": floor / ours,
-                "achieved_tb_s": weight_bytes / ours / 1e6, "rel_err": err,
+            shape_results.append({
+                "shape": [n, k], "m": m, "path_us": path_us, "cublas_us": cublas,
+                "floor_us": floor, "rel_err": errs,
                 "config": configs.dense_config(m, n, k, padded_k(k) // CHUNK_K).__dict__,
                 "peer_marlin_us": marlin, "peer_cublas_us": cublas_peer,
             })
-            r = results[-1]
-            print(f"{n}x{k} M={m}: {ours:.1f} us, cuBLAS {cublas:.1f} us, floor {floor:.1f} us, "
-                  f"err {err:.1e}, {r['config']}", flush=True)
+            print(f"{n}x{k} M={m}: " + ", ".join(f"{p} {us:.1f} us" for p, us in path_us.items())
+                  + f", cuBLAS {cublas:.1f} us, floor {floor:.1f} us, err "
+                  + ", ".join(f"{p} {e:.1e}" for p, e in errs.items()), flush=True)
+        if args.tune:
+            configs.DEQUANTIZE[(n, k)] = dataclasses.replace(
+                configs.dequantize_config(n, k), min_m=crossover(shape_results))
+        min_m = configs.dequantize_config(n, k).min_m
+        for r in shape_results:
+            r["path"] = "dequantized" if r["m"] >= min_m else "fused"
+            ours = r["us"] = r["path_us"][r["path"]]
+            r.update(speedup_vs_cublas=r["cublas_us"] / ours, floor_fraction=r["floor_us"] / ours,
+                     achieved_tb_s=weight_bytes / ours / 1e6)
+        results += shape_results
         del prepared, bf16_copies, dense
         torch.cuda.empty_cache()
 
-    headers = ["N x K", "M", "us", "cuBLAS us", "x cuBLAS", "floor us", "% floor", "TB/s",
-               "Marlin(peer)", "cuBLAS(peer)"]
-    rows = [[f"{r['shape'][0]}x{r['shape'][1]}", r["m"], r["us"], r["cublas_us"],
+    headers = ["N x K", "M", "path", "us", "fused us", "dequant us", "cuBLAS us", "x cuBLAS",
+               "floor us", "% floor", "TB/s", "Marlin(peer)", "cuBLAS(peer)"]
+    rows = [[f"{r['shape'][0]}x{r['shape'][1]}", r["m"], r["path"], r["us"],
+             r["path_us"]["fused"], r["path_us"].get("dequantized", ""), r["cublas_us"],
              r["speedup_vs_cublas"], r["floor_us"], 100 * r["floor_fraction"],
              r["achieved_tb_s"], r["peer_marlin_us"] or "", r["peer_cublas_us"] or ""]
             for r in results]
@@ -119,6 +155,9 @@ def main() -> None:
             print(f"    {shape}: {{" + ", ".join(
                 f"{b}: _d({c.block_n}, {c.block_m}, {c.split_k}, {c.num_warps}, {c.num_stages})"
                 for b, c in sorted(configs.DENSE[shape].items())) + "},")
+        print("tuned configs.DEQUANTIZE entries:")
+        for shape in shapes:
+            print(f"    {shape}: DequantizeConfig({configs.dequantize_config(*shape).min_m}),")
     path = write_json(args.out, "bench_gemm.json", {
         "info": info, "copy_bandwidth": bandwidth, "matmul_rate": rate,
         "results": results, "tuning": tuning,

@@ -194,6 +194,66 @@ def test_linear_w4a4_emulation_per_shard(m, n, k):
     _close(out.cpu(), ref, torch.float16)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, n, k, shards, scratch_rows", [
+    (3, 72, 272, 1, 32),  # chunks of 32, 32, 8 rows; K = 128 * 2 + 16
+    (9, 120, 144, 2, 16),  # shards of 60 rows with their own global scales: 16, 16, 16, 12
+    (5, 40, 256, 2, 64),  # a shard of 20 rows is one chunk
+])
+def test_linear_large_m_path_matches_reference(m, n, k, shards, scratch_rows, dtype):
+    """The dequantize-then-cuBLAS path, forced from M = 1 with a scratch of a few rows."""
+    weight = _quantized((), n, k, shards, False, seed=n * k)
+    assert shards == 1 or weight.global_scale[0] != weight.global_scale[1]
+    x = _activations(m, k, dtype, seed=m)
+    prepared = gemm.prepare_linear(weight.to(DEVICE))
+    out = gemm.linear(x.to(DEVICE), prepared, dequantize_from_m=1,
+                      scratch_bytes=scratch_rows * k * x.element_size())
+    ref = reference_linear.linear(x.float(), weight)
+    _close(out.cpu(), ref, dtype)
+    fused = gemm.linear(x.to(DEVICE), prepared, dequantize_from_m=m + 1)
+    assert (out.float() - fused.float()).norm() <= 1e-3 * fused.float().norm()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_kernel_is_exact(dtype):
+    """Scratch rows hold ``e2m1 * s * 2^-fold`` exactly, zero/negative/subnormal scales too."""
+    weight = _random_fp4((), 40, 176, odd_scales=True)
+    prepared = gemm.prepare_linear(weight.to(DEVICE))
+    decode = gemm.DECODE[dtype]
+    out = torch.full((24, 176), float("nan"), dtype=dtype, device=DEVICE)
+    gemm._dequantize_kernel[(3, 2)](
+        prepared.words, prepared.scales, out, 13, 24, 176, prepared.words.stride(0),
+        prepared.scales.stride(0), out.stride(0), BLOCK_N=16, K_EXACT=False,
+        DTYPE=decode.dtype, MAG_SHIFT=decode.mag_shift, SCALE_SHIFT=decode.scale_shift,
+        SCALE_BASE=decode.scale_base)
+    values = nvfp4.decode_e2m1(nvfp4.unpack_fp4(weight.packed))
+    values = values * weight.block_scale.float().repeat_interleave(16, -1) / decode.unfold
+    assert torch.equal(out.cpu().float(), values[13:37])
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_linear_large_m_path_is_cuda_graph_capturable():
+    prepared = gemm.prepare_linear(_quantized((), 96, 256, 2, False, seed=5).to(DEVICE))
+    x = _activations(32, 256, torch.bfloat16, seed=5).to(DEVICE)
+
+    def call():
+        return gemm.linear(x, prepared, dequantize_from_m=1, scratch_bytes=32 * 256 * 2)
+
+    eager = call()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    x.copy_(_activations(32, 256, torch.bfloat16, seed=6))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, call()) and not torch.equal(captured, eager)
+
+
 @triton.jit
 def _quantize_blocks_kernel(x_ptr, out_ptr, scale_ptr, M: tl.constexpr):
     offs = tl.arange(0, 16)[:, None] + tl.arange(0, M)[None, :] * 16  # [16, M]: x^T blocks

@@ -1,4 +1,5 @@
-"""Triton NVFP4 backend: W4A16 dense GEMM and fused MoE, weights dequantized in registers.
+"""Triton NVFP4 backend: W4A16 dense GEMM and fused MoE, weights dequantized in registers
+(the dense GEMM at large M: in bounded row chunks to a transient scratch, then cuBLAS).
 
 Public kernels: ``gemm.prepare_linear`` / ``gemm.linear`` and ``moe.prepare_moe`` /
 ``moe.fused_moe``; :data:`CONSTRAINTS` is what the plugin declares about them.

@@ -4,7 +4,8 @@ Tables are keyed by the problem's shape, then by an M bucket: a call with M toke
 entry of the smallest bucket >= M (the largest bucket beyond it). Shapes absent from the tables
 use the ``"default"`` rows, whose split-K is then chosen by :func:`fill_split_k`. The tuned rows
 come from ``benchmarks/bench_gemm.py --tune`` / ``bench_moe.py --tune`` on an H100 (see
-docs/performance.md).
+docs/performance.md). :data:`DEQUANTIZE` holds, per dense shape, the M from which ``linear``
+dequantizes the weight in row chunks and calls cuBLAS instead of running the fused kernel.
 """
 
 from __future__ import annotations
@@ -86,6 +87,30 @@ DENSE: dict[object, dict[int, DenseConfig]] = {
 }
 """(N, K) -> M bucket -> config."""
 
+
+@dataclass(frozen=True)
+class DequantizeConfig:
+    """The dense large-M path (``gemm.linear``): from ``min_m`` tokens on, the weight is
+    dequantized in row chunks into a scratch buffer and multiplied by cuBLAS. The dequantize
+    kernel's tile: ``block_n`` weight rows x one 128-element chunk of K, ``num_warps`` warps."""
+
+    min_m: int
+    block_n: int = 64
+    num_warps: int = 8
+
+
+SCRATCH_BYTES = 64 << 20
+"""Bound of the large-M path's transient scratch (one row chunk of dequantized weights)."""
+
+DEQUANTIZE: dict[object, DequantizeConfig] = {
+    "default": DequantizeConfig(1024),
+    # Measured on an H100 80GB HBM3 (bench_gemm.py times both paths from M = 64 on; the tile
+    # from a sweep of the kernel alone; docs/performance.md).
+    (4096, 4096): DequantizeConfig(256),
+    (28672, 8192): DequantizeConfig(512),
+}
+"""(N, K) -> the large-M path's threshold and dequantize tile."""
+
 MOE: dict[object, dict[int, MoEConfig]] = {
     "default": {
         1: _m(16, (64, 4, 4), (64, 2, 4)),
@@ -152,6 +177,11 @@ def dense_config(m: int, n: int, k: int, k_chunks: int) -> DenseConfig:
     """The config of an ``[m, k] x [n, k]^T`` launch."""
     table = DENSE.get((n, k), DENSE["default"])
     return fill_split_k(table[bucket(m)], m, n, k_chunks)
+
+
+def dequantize_config(n: int, k: int) -> DequantizeConfig:
+    """The large-M path's threshold and tile for an ``[n, k]`` weight."""
+    return DEQUANTIZE.get((n, k), DEQUANTIZE["default"])
 
 
 def moe_config(m: int, experts: int, hidden: int, intermediate: int, top_k: int) -> MoEConfig:

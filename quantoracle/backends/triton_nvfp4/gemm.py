@@ -1,5 +1,10 @@
 """W4A16 NVFP4 dense GEMM in Triton: ``y[M, N] = x[M, K] @ W[N, K]^T``, W dequantized in registers.
 
+At large M (from a per-shape threshold in ``configs.DEQUANTIZE``), ``linear`` instead
+dequantizes W in bounded row chunks (:func:`_dequantize_kernel`, the same decode) and multiplies
+with cuBLAS: Triton 3.6 makes a ``wgmma`` whose operand was decoded in registers synchronous,
+which caps the fused kernel near half the bf16 tensor-core rate there (docs/performance.md).
+
 Kernel design (the MoE kernels in ``moe.py`` share the K loop, :func:`mma_chunks`):
 
 - Tiles are computed transposed, ``acc[BLOCK_N, BLOCK_M] += W_tile @ x_tile^T``: the weights are
@@ -34,6 +39,7 @@ import triton.language as tl
 from quantoracle.backends.triton_nvfp4 import configs
 from quantoracle.backends.triton_nvfp4.layout import (
     CHUNK_K,
+    ROW_BLOCK,
     padded_k,
     relayout,
 )
@@ -90,6 +96,16 @@ def _decode_pair(t, DTYPE: tl.constexpr, MAG_SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _scaled_subtile(w, scale_word, J: tl.constexpr, DTYPE: tl.constexpr,
+                    SCALE_SHIFT: tl.constexpr, SCALE_BASE: tl.constexpr):
+    """Decoded sub-tile J of a chunk ``[rows, 16]`` times its rows' block scales (byte J of each
+    row's int64 ``scale_word``) with the fold: ``e2m1 * s * 2^-7`` (fp16) or ``* 2^-8`` (bf16),
+    exact."""
+    raw = ((scale_word >> (8 * J)) & 0xFF).to(tl.uint8)
+    return w * _scale_values(raw, DTYPE, SCALE_SHIFT, SCALE_BASE)[:, None]
+
+
+@triton.jit
 def _round_e4m3(v):
     """Round float32 ``0 <= v <= 448`` to the nearest float8_e4m3fn value (ties to even), as
     ``.to(torch.float8_e4m3fn)`` does; returned as float32."""
@@ -130,8 +146,7 @@ def _sub_dot(acc, w, scale_word, J: tl.constexpr, x, gs, inv_gs, gs_odd, inv_gs_
     """``acc += (w * scale) @ x`` for sub-tile J of a chunk (its scale: byte J of the row's
     int64 ``scale_word``). Under QUANT_X, x is fake-quantized with ``gs``, or, with
     ``ODD_ROWS_OWN_SCALE``, with ``gs`` for even rows and ``gs_odd`` for odd rows (two dots)."""
-    raw = ((scale_word >> (8 * J)) & 0xFF).to(tl.uint8)
-    w = w * _scale_values(raw, DTYPE, SCALE_SHIFT, SCALE_BASE)[:, None]
+    w = _scaled_subtile(w, scale_word, J, DTYPE, SCALE_SHIFT, SCALE_BASE)
     if QUANT_X:
         if ODD_ROWS_OWN_SCALE:
             odd = (tl.arange(0, w.shape[0]) % 2 == 1)[:, None]
@@ -252,6 +267,47 @@ def _dense_kernel(
             tl.atomic_xchg(counter_ptr + pid_n, 0)  # ready for the next call (graph replays)
 
 
+@triton.jit
+def _store_subtile(out_ptrs, w, scale_word, J: tl.constexpr, row_mask, k_sub, K,
+                   K_EXACT: tl.constexpr, DTYPE: tl.constexpr, SCALE_SHIFT: tl.constexpr,
+                   SCALE_BASE: tl.constexpr):
+    """Store sub-tile J of a chunk, scaled (:func:`_scaled_subtile`), at ``out_ptrs + 16 J``;
+    ``k_sub`` ``[1, 16]``: sub-tile 0's K indices, masked against K unless K_EXACT."""
+    mask = row_mask if K_EXACT else row_mask & (k_sub + 16 * J < K)
+    tl.store(out_ptrs + 16 * J, _scaled_subtile(w, scale_word, J, DTYPE, SCALE_SHIFT, SCALE_BASE),
+             mask=mask)
+
+
+@triton.jit(do_not_specialize=["ROW0", "ROWS"])  # one kernel for every chunk
+def _dequantize_kernel(
+    w_ptr, s_ptr, out_ptr, ROW0, ROWS, K, stride_wb, stride_sc, stride_on,
+    BLOCK_N: tl.constexpr, K_EXACT: tl.constexpr,
+    DTYPE: tl.constexpr, MAG_SHIFT: tl.constexpr, SCALE_SHIFT: tl.constexpr,
+    SCALE_BASE: tl.constexpr,
+):
+    """``out[r, k]`` (DTYPE, row stride ``stride_on``) = weight row ``ROW0 + r``, element k,
+    times its block scale with the fold (``e2m1 * s * 2^-7`` in fp16, ``* 2^-8`` in bf16: the
+    operand ``mma_chunks`` feeds its dots, exact), for ``r < ROWS`` and k in the 128-element
+    chunk ``program_id(1)`` (``k < K``). The global scale and the fold are left to the caller."""
+    pid_n = tl.program_id(0)
+    c = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_w = ROW0 + offs_n % ROWS  # ragged rows: read valid rows, store only the real ones
+    words = tl.load(word_tile_ptrs(w_ptr, rows_w, stride_wb) + c * 256).to(tl.uint32,
+                                                                          bitcast=True)
+    scale_word = tl.load(s_ptr + c * stride_sc + rows_w)
+    k_sub = c * 128 + tl.arange(0, 16)[None, :]
+    out_ptrs = out_ptr + offs_n[:, None].to(tl.int64) * stride_on + k_sub
+    row_mask = (offs_n < ROWS)[:, None]
+    for a in tl.static_range(4):
+        # As in mma_chunks: after a left shift by 4a, nibbles 3 - a and 7 - a are on top.
+        w_lo, w_hi = _decode_pair(words << (4 * a), DTYPE, MAG_SHIFT)
+        _store_subtile(out_ptrs, w_lo, scale_word, 3 - a, row_mask, k_sub, K, K_EXACT,
+                       DTYPE, SCALE_SHIFT, SCALE_BASE)
+        _store_subtile(out_ptrs, w_hi, scale_word, 7 - a, row_mask, k_sub, K, K_EXACT,
+                       DTYPE, SCALE_SHIFT, SCALE_BASE)
+
+
 # ----------------------------------------------------------------------------- host side
 
 
@@ -262,6 +318,8 @@ class PreparedLinear:
     - ``words`` int32 ``[ceil(N/16), Kp/128, 16, 16]``, ``scales`` int64 ``[Kp/128, N]``
       (4.5 bits per weight);
     - ``row_scale`` float32 ``[N]``: each row's global scale (``weight_scale_2`` of its shard);
+    - ``shard_scales``: the same per shard, on the host (read once here, so that the large-M
+      path can hand them to cuBLAS as its alpha without synchronizing);
     - ``input_scale`` float32 ``[S]`` or None: per shard, for W4A4 emulation;
     - ``counters`` int32 ``[ceil(N/16)]`` zeros: split-K arrival counters. Each call leaves them
       zero again, so one PreparedLinear must not run on two streams at once.
@@ -270,6 +328,7 @@ class PreparedLinear:
     words: torch.Tensor
     scales: torch.Tensor
     row_scale: torch.Tensor
+    shard_scales: tuple[float, ...]
     input_scale: torch.Tensor | None
     n: int
     k: int
@@ -294,6 +353,7 @@ def prepare_linear(weight: NVFP4Tensor) -> PreparedLinear:
         words=words,
         scales=scales,
         row_scale=weight.row_global_scale().reshape(n).contiguous(),
+        shard_scales=tuple(weight.global_scale.float().tolist()),
         input_scale=None if weight.input_scale is None else weight.input_scale.contiguous(),
         n=n,
         k=weight.cols,
@@ -313,13 +373,26 @@ def check_activations(x: torch.Tensor, k: int, what: str) -> None:
 
 
 def linear(
-    x: torch.Tensor, prepared: PreparedLinear, *, quantize_activations: bool = False
+    x: torch.Tensor, prepared: PreparedLinear, *, quantize_activations: bool = False,
+    dequantize_from_m: int | None = None, scratch_bytes: int = configs.SCRATCH_BYTES,
 ) -> torch.Tensor:
     """``x[..., K] @ W^T`` -> ``[..., N]`` in x.dtype (bf16 or fp16), fp32 accumulation.
 
-    ``quantize_activations``: W4A4 emulation, x quantized per shard with the shard's static
-    input scale (one launch per shard). Raises NumericsError for a wrong dtype or K, or W4A4
-    without input scales.
+    Two paths, same numerics (each product ``e2m1 * s`` exact in 16 bits, fp32 accumulation,
+    the shard's fp32 global scale applied to the fp32 result before the one rounding):
+
+    - below ``dequantize_from_m`` tokens (default: ``configs.dequantize_config(N, K).min_m``,
+      measured per shape), the fused kernel, weights dequantized in registers;
+    - from there on (weight-only), :func:`_launch_dequantized`: the weight is dequantized in
+      row chunks into a transient scratch buffer of at most ``max(scratch_bytes, 16 rows)``
+      (64 MiB by default), each chunk multiplied by cuBLAS into its output columns, the
+      dequantize-then-GEMM technique vLLM uses for AWQ at large batch. The weights stay at 4.5
+      bits/weight at rest (DESIGN.md's "no bf16 copy of the weights" is about weights at rest);
+      the scratch lives for one call and is bounded whatever N.
+
+    ``quantize_activations``: W4A4 emulation (fused kernel only), x quantized per shard with the
+    shard's static input scale (one launch per shard). Never synchronizes with the host (CUDA
+    graph capturable). Raises NumericsError for a wrong dtype or K, or W4A4 without input scales.
     """
     check_activations(x, prepared.k, "triton_nvfp4 linear")
     lead = x.shape[:-1]
@@ -330,9 +403,9 @@ def linear(
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*lead, n)
-    if not quantize_activations:
-        _launch_dense(x2, prepared, out, 0, n, None)
-    else:
+    if dequantize_from_m is None:
+        dequantize_from_m = configs.dequantize_config(n, prepared.k).min_m
+    if quantize_activations:
         if prepared.input_scale is None:
             raise NumericsError(
                 "W4A4 emulation needs the checkpoint's input_scale; this weight has none "
@@ -341,6 +414,10 @@ def linear(
         rows = n // prepared.shards
         for shard in range(prepared.shards):
             _launch_dense(x2, prepared, out, shard * rows, rows, prepared.input_scale[shard:])
+    elif m >= dequantize_from_m:
+        _launch_dequantized(x2, prepared, out, scratch_bytes)
+    else:
+        _launch_dense(x2, prepared, out, 0, n, None)
     return out.reshape(*lead, n)
 
 
@@ -370,3 +447,31 @@ def _launch_dense(x, prepared, out, row0, rows, input_scale):
         SCALE_BASE=decode.scale_base, UNFOLD=decode.unfold,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+
+
+def _launch_dequantized(x, prepared, out, scratch_bytes):
+    """``out = x @ W^T`` by row chunks: per chunk of each shard, :func:`_dequantize_kernel` into
+    one reused scratch ``[chunk_rows, K]`` in x.dtype, then cuBLAS ``out[:, chunk] = alpha *
+    x @ scratch^T`` with alpha the shard's global scale times the fold's inverse (fp32, applied
+    by cuBLAS to its fp32 result). ``chunk_rows``: as many as ``scratch_bytes`` holds, a
+    multiple of 16, at least 16, at most a shard."""
+    m, k = x.shape
+    decode = DECODE[x.dtype]
+    cfg = configs.dequantize_config(prepared.n, k)
+    chunks = padded_k(k) // CHUNK_K
+    shard_rows = prepared.n // prepared.shards
+    per_chunk = scratch_bytes // (k * x.element_size()) // ROW_BLOCK * ROW_BLOCK
+    chunk_rows = min(shard_rows, max(ROW_BLOCK, per_chunk))
+    scratch = torch.empty(chunk_rows, k, dtype=x.dtype, device=x.device)
+    for shard, global_scale in enumerate(prepared.shard_scales):
+        alpha = global_scale * decode.unfold
+        for row0 in range(shard * shard_rows, (shard + 1) * shard_rows, chunk_rows):
+            rows = min(chunk_rows, (shard + 1) * shard_rows - row0)
+            _dequantize_kernel[(triton.cdiv(rows, cfg.block_n), chunks)](
+                prepared.words, prepared.scales, scratch, row0, rows, k,
+                prepared.words.stride(0), prepared.scales.stride(0), scratch.stride(0),
+                BLOCK_N=cfg.block_n, K_EXACT=k % CHUNK_K == 0,
+                DTYPE=decode.dtype, MAG_SHIFT=decode.mag_shift, SCALE_SHIFT=decode.scale_shift,
+                SCALE_BASE=decode.scale_base, num_warps=cfg.num_warps,
+            )
+            out[:, row0:row0 + rows].addmm_(x, scratch[:rows].T, beta=0, alpha=alpha)
