@@ -37,9 +37,7 @@ class _ResolvedLayer(nn.Module):
     def _setup(self, weights: Any, problem: Problem, options: dict[str, Any], name: str | None) -> None:
         _check_group(problem, self.group)
         self.layer_name = name
-        self.weight_bytes = weights.nbytes if isinstance(weights, NVFP4Tensor) else (
-            weights.gate_up.nbytes + weights.down.nbytes
-        )
+        self.weight_bytes = weights.nbytes
         self.resolution = _resolve(problem, options)
         self.prepared = self.resolution.backend.prepare(weights, self.resolution.effective_problem)
 

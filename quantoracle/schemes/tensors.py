@@ -175,5 +175,9 @@ class MoEWeights:
     def intermediate(self) -> int:
         return self.down.cols
 
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
     def to(self, device: torch.device | str) -> "MoEWeights":
         return MoEWeights(self.gate_up.to(device), self.down.to(device), self.first_expert)
