@@ -113,10 +113,15 @@ class NVFP4Linear(_ResolvedLayer):
 
     ``weight`` is the checkpoint's :class:`NVFP4Tensor` (this rank's shard under tensor
     parallelism: rows for ``tp_dim="column"``, columns for ``"row"``). ``forward`` takes
-    ``x[..., K]`` (the full input, also for a row-parallel layer, which slices its part) in
-    ``dtype`` and returns ``[..., N]`` (all-gathered over ``group`` when column-parallel, summed
-    when row-parallel). Resolution options (``force``, ``exclude``, ``activation_fallback``,
-    ``registry``) pass through to :func:`quantoracle.resolve`.
+    ``x[..., K]`` in ``dtype`` and returns ``[..., N]``:
+
+    - column-parallel: all-gathered over ``group``; with ``gather_output=False`` this rank's
+      ``[..., N/tp]`` instead (to feed a row-parallel layer directly, as Megatron pairs them);
+    - row-parallel: the full input, of which the layer takes its K slice, or with
+      ``input_is_parallel=True`` that slice itself ``[..., K/tp]``; partial sums all-reduced.
+
+    ``bias`` is that of the returned output. Resolution options (``force``, ``exclude``,
+    ``activation_fallback``, ``registry``) pass through to :func:`quantoracle.resolve`.
     """
 
     def __init__(
@@ -133,9 +138,17 @@ class NVFP4Linear(_ResolvedLayer):
         activation_fallback: ActivationFallback = "weight_only",
         registry: Registry | None = None,
         name: str | None = None,
+        gather_output: bool = True,
+        input_is_parallel: bool = False,
     ) -> None:
         super().__init__()
         column = parallel.tp_dim == "column"
+        if (not gather_output and not column) or (input_is_parallel and column):
+            raise ProblemError(
+                "gather_output=False is for column-parallel layers and input_is_parallel=True for "
+                f"row-parallel ones; this layer is tp_dim={parallel.tp_dim!r}"
+            )
+        self.gather_output, self.input_is_parallel = gather_output, input_is_parallel
         n = weight.rows * (parallel.tp_size if column else 1)
         k = weight.cols * (1 if column else parallel.tp_size)
         problem = _linear_problem(scheme, weight.packed.device, dtype, n, k, parallel)
@@ -191,13 +204,13 @@ class NVFP4Linear(_ResolvedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.resolution.problem.parallel
-        if p.tp_size > 1 and p.tp_dim == "row":
+        if p.tp_size > 1 and p.tp_dim == "row" and not self.input_is_parallel:
             shard = self.in_features // p.tp_size
             x = x[..., p.tp_rank * shard : (p.tp_rank + 1) * shard]
         y = self.resolution.backend.apply(self.prepared, x.to(self.dtype))
         if p.tp_size > 1 and p.tp_dim == "row":
             y = _all_reduce(y.contiguous(), self.group)
-        elif p.tp_size > 1:
+        elif p.tp_size > 1 and self.gather_output:
             parts = [torch.empty_like(y) for _ in range(p.tp_size)]
             dist.all_gather(parts, y.contiguous(), group=self.group)
             y = torch.cat(parts, dim=-1)

@@ -50,8 +50,9 @@ from quantoracle.schemes.checkpoint import Checkpoint, write_checkpoint
 TOY = ToyConfig(layers=1, experts=8, hidden=64, intermediate=64, top_k=2, tokens=32)
 EXPERTS = "model.layers.0.mlp.experts"
 WIDE = "model.layers.0.wide_proj"  # Linear, K=64 -> N=128
+BACK = "model.layers.0.back_proj"  # Linear, K=128 -> N=64: WIDE's output is its input
 NARROW = "model.layers.0.narrow_proj"  # Linear, K=48: K/2 = 24 holds no whole scale block
-LINEAR_SHAPE = {WIDE: (128, 64), NARROW: (32, 48)}  # [N, K]
+LINEAR_SHAPE = {WIDE: (128, 64), BACK: (64, 128), NARROW: (32, 48)}  # [N, K]
 SCHEMES = {"w4a16": "w4a16_nvfp4", "w4a4": "w4a4_nvfp4"}  # served with activation_fallback="emulate"
 WORLDS = (2, 4)
 DEADLINE_S = 120  # a hung collective fails the test instead of the CI job
@@ -69,7 +70,7 @@ RTOL = ATOL = 1e-5
 class Sharding:
     """One sharded layer: groups of ``tp * ep`` consecutive ranks each run it independently."""
 
-    layer: Literal["linear", "moe"]
+    layer: Literal["linear", "moe", "pair"]  # pair: column-parallel WIDE feeding row-parallel BACK
     tp: int = 1
     ep: int = 1
     tp_dim: Literal["column", "row"] = "column"
@@ -94,6 +95,8 @@ SHARDINGS = (
     Sharding("moe", tp=4),
     Sharding("moe", ep=4),
     Sharding("moe", tp=2, ep=2),
+    Sharding("pair", tp=2),
+    Sharding("pair", tp=4),
 )
 # Every sharding runs in every world it fits: in world 4 the 2-rank shardings run on the
 # subgroups {0, 1} and {2, 3}, which checks that a layer uses the group it is given.
@@ -109,13 +112,31 @@ def _inputs(kind: str) -> list[tuple[torch.Tensor, ...]]:
     """The same inputs on every rank: a Linear sees ``[3, 5, K]`` and ``[1, K]``; the MoE one token
     (most ranks of EP4 then hold no routed expert) and 24, with router logits."""
     gen = torch.Generator().manual_seed(7)
-    if kind == "linear":
+    if kind in ("linear", "pair"):
         return [(torch.randn(3, 5, 64, generator=gen),), (torch.randn(1, 64, generator=gen),)]
     return [(torch.randn(m, TOY.hidden, generator=gen), torch.randn(m, TOY.experts, generator=gen)) for m in (1, 24)]
 
 
+class _Pair:
+    """WIDE column-parallel without the all-gather, its output shard fed straight to BACK
+    row-parallel (``gather_output=False`` / ``input_is_parallel=True``): the Megatron MLP pairing."""
+
+    def __init__(self, checkpoint: Checkpoint, options: dict[str, Any]) -> None:
+        parallel = options.pop("parallel")
+        self.first = NVFP4Linear.from_checkpoint(
+            checkpoint, WIDE, gather_output=False, parallel=parallel.model_copy(update={"tp_dim": "column"}), **options)
+        self.second = NVFP4Linear.from_checkpoint(
+            checkpoint, BACK, input_is_parallel=True, parallel=parallel.model_copy(update={"tp_dim": "row"}), **options)
+        self.backend, self.resolution = self.second.backend, self.second.resolution
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
 def _build(kind: str, checkpoint: Checkpoint, parallel: ParallelConfig = ParallelConfig(), group: Any = None):
     options = dict(dtype=torch.float32, activation_fallback="emulate", parallel=parallel, group=group)
+    if kind == "pair":
+        return _Pair(checkpoint, options)
     if kind == "linear":
         return NVFP4Linear.from_checkpoint(checkpoint, WIDE, **options)
     return NVFP4FusedMoE.from_checkpoint(checkpoint, EXPERTS, top_k=TOY.top_k, **options)
@@ -123,6 +144,8 @@ def _build(kind: str, checkpoint: Checkpoint, parallel: ParallelConfig = Paralle
 
 def _shard_read(layer) -> dict[str, int]:
     """What this rank read from disk (the reference backend's ``prepare`` keeps the tensors)."""
+    if isinstance(layer, _Pair):
+        return {"rows": layer.first.prepared.state.rows, "cols": layer.second.prepared.state.cols}
     weights = layer.prepared.state
     if isinstance(layer, NVFP4Linear):
         return {"rows": weights.rows, "cols": weights.cols}
@@ -190,7 +213,7 @@ def _worker(rank: int, world: int, rendezvous: str, checkpoints: dict[str, str],
         results: dict[str, Any] = {}
         for label, directory in checkpoints.items():
             with Checkpoint.open(directory) as checkpoint:
-                unsharded = {kind: _build(kind, checkpoint) for kind in ("linear", "moe")}
+                unsharded = {kind: _build(kind, checkpoint) for kind in ("linear", "moe", "pair")}
                 for sharding in (s for w, s in CHECKS if w == world):
                     unsharded_layer = unsharded[sharding.layer]
                     results[f"{label} {sharding}"] = _check(sharding, checkpoint, unsharded_layer, rank, groups)
@@ -302,6 +325,8 @@ def test_each_rank_reads_only_its_shard(results, world, sharding):
         if sharding.layer == "linear":
             column = p.tp_dim == "column"
             want = {"rows": n // p.tp_size if column else n, "cols": k if column else k // p.tp_size}
+        elif sharding.layer == "pair":  # WIDE's rows and BACK's columns: the same N/tp slice
+            want = {"rows": n // p.tp_size, "cols": n // p.tp_size}
         else:
             local = TOY.experts // p.ep_size
             want = {"first_expert": p.ep_rank * local, "experts": local, "intermediate": TOY.intermediate // p.tp_size}
@@ -312,6 +337,15 @@ def test_a_group_that_does_not_match_the_parallel_config_is_an_error(results):
     misuse = [rank["w4a16 misuse"] for rank in results[4]]
     assert all(m["tp2 on 4 ranks"] and "2 ranks" in m["tp2 on 4 ranks"] for m in misuse)
     assert [m["tp2xep2 transposed"] is not None for m in misuse] == [False, True, True, False]
+
+
+def test_gather_and_parallel_input_options_belong_to_their_split(checkpoints):
+    with Checkpoint.open(checkpoints["w4a16"]) as checkpoint:
+        with pytest.raises(ProblemError, match="gather_output=False is for column-parallel"):
+            NVFP4Linear.from_checkpoint(checkpoint, BACK, dtype=torch.float32, gather_output=False,
+                                        parallel=ParallelConfig(tp_dim="row"))
+        with pytest.raises(ProblemError, match="input_is_parallel=True for row-parallel"):
+            NVFP4Linear.from_checkpoint(checkpoint, WIDE, dtype=torch.float32, input_is_parallel=True)
 
 
 def test_a_sharded_layer_needs_torch_distributed(checkpoints):
