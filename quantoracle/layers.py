@@ -51,7 +51,7 @@ class _ResolvedLayer(nn.Module):
         if res.fallback:
             text += f", fallback={res.fallback}"
         if res.problem.parallel != ParallelConfig():
-            text += f", parallel={res.problem.parallel}"
+            text += f", parallel={res.problem.parallel.describe(res.problem.kind)}"
         return text
 
 
@@ -83,11 +83,11 @@ def _check_group(problem: Problem, group: Any) -> None:
     if ranks == 1:
         return
     if not dist.is_available() or not dist.is_initialized():
-        raise ProblemError(f"{p} needs torch.distributed: call init_process_group first")
+        raise ProblemError(f"{p.describe(problem.kind)} needs torch.distributed: call init_process_group first")
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     if size != ranks or rank != expected:
         raise ProblemError(
-            f"{p} (tp_rank={p.tp_rank}, ep_rank={p.ep_rank}) needs a process group of {ranks} ranks "
+            f"{p.describe(problem.kind)} (tp_rank={p.tp_rank}, ep_rank={p.ep_rank}) needs a process group of {ranks} ranks "
             f"where this one is rank {expected}; the group has {size} ranks and this is rank {rank}: "
             "pass group= with exactly the layer's ranks, ordered rank = ep_rank * tp_size + tp_rank"
         )

@@ -141,7 +141,7 @@ def block_alignment(spec: BackendSpec, p: Problem, ctx: Context) -> RuleFailure 
     bad = [k for k in p.reduction_dims if k % group]
     if bad:
         return _fail("block_alignment", bad[0], f"multiple of {group}",
-                     f"reduction dimension {bad[0]} (per shard, {p.parallel}) is not a multiple of the "
+                     f"reduction dimension {bad[0]} (per shard, {p.parallel.describe(p.kind)}) is not a multiple of the "
                      f"scheme's scale group {group}: one scale covers {group} elements; choose a "
                      f"tensor-parallel size that keeps K/tp a multiple of {group}")
     return None

@@ -123,8 +123,13 @@ class ParallelConfig(_Frozen):
         """This shard's rank in its process group: ``ep_rank * tp_size + tp_rank``."""
         return self.ep_rank * self.tp_size + self.tp_rank
 
+    def describe(self, kind: LayerKind = "linear") -> str:
+        """``tp2(row) ep1``; the split dimension only where it means something (a sharded Linear)."""
+        dim = f"({self.tp_dim})" if self.tp_size > 1 and kind == "linear" else ""
+        return f"tp{self.tp_size}{dim} ep{self.ep_size}"
+
     def __str__(self) -> str:
-        return f"tp{self.tp_size}({self.tp_dim}) ep{self.ep_size}"
+        return self.describe()
 
 
 class Problem(_Frozen):
@@ -215,7 +220,7 @@ class Problem(_Frozen):
         shape = f"n={self.n} k={self.k}"
         if self.kind == "moe":
             shape = f"E={self.experts} top{self.top_k} H={self.k} I={self.n} {self.moe_activation}"
-        return f"{self.kind} {self.scheme} on {self.device} {self.dtype} {shape} {self.parallel}"
+        return f"{self.kind} {self.scheme} on {self.device} {self.dtype} {shape} {self.parallel.describe(self.kind)}"
 
 
 class SchemeSupport(_Frozen):
