@@ -10,6 +10,14 @@ large-M path (dequantize in row chunks, then cuBLAS); "us" is the one ``configs.
 selects.
 
     python benchmarks/bench_gemm.py --out DIR [--tune] [--shapes 4096x4096] [--ms 1,16]
+        [--interleaved ROUNDS]
+
+``--interleaved ROUNDS`` first (before the table) times the large-M path variants (one-stream
+``overlap=False`` and the default two-buffer overlap, at several scratch sizes, and with a
+high-priority side stream) and cuBLAS bf16 interleaved: each captured in one CUDA graph over
+the same rotating copies, then ROUNDS rounds of a few replays of each in turn (the order
+rotating), the median per round; reported: per variant the median (and range) over rounds,
+and the median (range) of the per-round ratio cuBLAS / variant (``interleaved.json``).
 
 ``--tune`` first times the candidate configs of each (shape, M) and keeps the fastest, and sets
 each shape's large-M threshold to the smallest M from which the large-M path is the faster at
@@ -21,16 +29,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import statistics
 import sys
 
 import torch
 
 from _common import (
-    copy_bandwidth, device_info, fmt_table, graph_time_us, matmul_rate, random_nvfp4, rel_err,
-    write_json,
+    _event_ms, copy_bandwidth, device_info, fmt_table, graph_time_us, matmul_rate, random_nvfp4,
+    rel_err, write_json,
 )
 from quantoracle.backends.reference.linear import linear as reference_linear
-from quantoracle.backends.triton_nvfp4 import configs
+from quantoracle.backends.triton_nvfp4 import configs, gemm
 from quantoracle.backends.triton_nvfp4.gemm import linear, prepare_linear
 from quantoracle.backends.triton_nvfp4.layout import CHUNK_K, padded_k
 
@@ -68,15 +77,111 @@ def crossover(shape_results: list[dict]) -> int:
     return min_m
 
 
+def _capture(calls) -> torch.cuda.CUDAGraph:
+    """``calls`` warmed up on a side stream, then captured in one CUDA graph (replayed once)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph
+
+
+MIB = 1 << 20
+VARIANTS = {  # name -> (scratch bytes, overlap, side stream priority or None for the default)
+    "one stream 64 MiB": (64 * MIB, False, None),
+    "overlap 64 MiB": (64 * MIB, True, None),
+    "overlap 64 MiB hi-prio": (64 * MIB, True, -1),
+    "overlap 128 MiB": (128 * MIB, True, None),
+    "overlap 256 MiB": (256 * MIB, True, None),
+}
+
+
+def interleaved(shapes, ms, rounds: int, reps: int = 5) -> list[dict]:
+    """The large-M path variants (``VARIANTS``) and cuBLAS bf16, interleaved (module docstring).
+    Each variant is checked against cuBLAS on the first inputs before timing."""
+    info = device_info()
+    results = []
+    for n, k in shapes:
+        weight = random_nvfp4((), n, k, 1, seed=n + k)
+        copies = max(2, min(16, math.ceil(4 * info["l2_bytes"] / (n * k * 4.5 / 8))))
+        prepared = [prepare_linear(weight) for _ in range(copies)]
+        dense = weight.dequantize(torch.bfloat16)
+        bf16 = [dense] + [dense.clone() for _ in range(max(1, min(copies, math.ceil(
+            4 * info["l2_bytes"] / dense.numel() / 2))) - 1)]
+        for m in ms:
+            xs = [torch.randn(m, k, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
+            graphs, errs = {}, {}
+            ref = torch.mm(xs[0], dense.T).float()
+            for name, (scratch, overlap, priority) in VARIANTS.items():
+                def call(x, p, scratch=scratch, overlap=overlap):
+                    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+                    gemm._launch_dequantized(x, p, out, scratch, overlap=overlap)
+                    return out
+                saved = dict(gemm._SIDE_STREAMS)
+                if priority is not None:
+                    gemm._SIDE_STREAMS[torch.device("cuda", torch.cuda.current_device())] = (
+                        torch.cuda.Stream(priority=priority))
+                try:
+                    errs[name] = ((call(xs[0], prepared[0]).float() - ref).norm()
+                                  / ref.norm()).item()
+                    assert errs[name] < 1e-2, f"{n}x{k} M={m} {name}: error {errs[name]:.2e}"
+                    graphs[name] = _capture([lambda x=x, p=p, c=call: c(x, p)
+                                             for x, p in zip(xs, prepared)])
+                finally:
+                    gemm._SIDE_STREAMS.clear()
+                    gemm._SIDE_STREAMS.update(saved)
+            graphs["cuBLAS"] = _capture([lambda x=x, w=bf16[i % len(bf16)]: torch.mm(x, w.T)
+                                         for i, x in enumerate(xs)])
+            names = list(graphs)
+            per_round = {name: [] for name in names}
+            for r in range(rounds):
+                for j in range(len(names)):
+                    name = names[(j + r) % len(names)]
+                    ms_ = statistics.median(_event_ms(graphs[name].replay, reps))
+                    per_round[name].append(ms_ * 1e3 / copies)
+            entry = {"shape": [n, k], "m": m, "rounds": rounds, "reps": reps, "rel_err": errs,
+                     "per_round_us": per_round, "variants": {}}
+            for name in names:
+                times = per_round[name]
+                ratios = [c / t for c, t in zip(per_round["cuBLAS"], times)]
+                entry["variants"][name] = {
+                    "median_us": statistics.median(times), "min_us": min(times),
+                    "max_us": max(times), "x_cublas": statistics.median(ratios),
+                    "x_cublas_min": min(ratios), "x_cublas_max": max(ratios)}
+                v = entry["variants"][name]
+                print(f"interleaved {n}x{k} M={m} {name}: {v['median_us']:.1f} us "
+                      f"({v['min_us']:.1f}..{v['max_us']:.1f}), x cuBLAS {v['x_cublas']:.3f} "
+                      f"({v['x_cublas_min']:.3f}..{v['x_cublas_max']:.3f})", flush=True)
+            results.append(entry)
+            del graphs
+        del prepared, bf16, dense
+        torch.cuda.empty_cache()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--tune", action="store_true")
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     parser.add_argument("--ms", default=",".join(map(str, MS)))
+    parser.add_argument("--interleaved", type=int, default=0, metavar="ROUNDS")
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
+    if args.interleaved:
+        print("wrote", write_json(args.out, "interleaved.json", {
+            "info": device_info(), "variants": VARIANTS,
+            "results": interleaved(shapes, ms, args.interleaved)}))
 
     info = device_info()
     bandwidth, rate = copy_bandwidth(), matmul_rate()
