@@ -12,9 +12,8 @@ selects.
     python benchmarks/bench_gemm.py --out DIR [--tune] [--shapes 4096x4096] [--ms 1,16]
         [--interleaved ROUNDS]
 
-``--interleaved ROUNDS`` first (before the table) times the large-M path variants (one-stream
-``overlap=False`` and the default two-buffer overlap, at several scratch sizes, and with a
-high-priority side stream) and cuBLAS bf16 interleaved: each captured in one CUDA graph over
+``--interleaved ROUNDS`` first (before the table) times the large-M path (``VARIANTS``: scratch
+sizes) and cuBLAS bf16 interleaved: each captured in one CUDA graph over
 the same rotating copies, then ROUNDS rounds of a few replays of each in turn (the order
 rotating), the median per round; reported: per variant the median (and range) over rounds,
 and the median (range) of the per-round ratio cuBLAS / variant (``interleaved.json``).
@@ -39,7 +38,7 @@ from _common import (
     rel_err, write_json,
 )
 from quantoracle.backends.reference.linear import linear as reference_linear
-from quantoracle.backends.triton_nvfp4 import configs, gemm
+from quantoracle.backends.triton_nvfp4 import configs
 from quantoracle.backends.triton_nvfp4.gemm import linear, prepare_linear
 from quantoracle.backends.triton_nvfp4.layout import CHUNK_K, padded_k
 
@@ -95,14 +94,7 @@ def _capture(calls) -> torch.cuda.CUDAGraph:
     return graph
 
 
-MIB = 1 << 20
-VARIANTS = {  # name -> (scratch bytes, overlap, side stream priority or None for the default)
-    "one stream 64 MiB": (64 * MIB, False, None),
-    "overlap 64 MiB": (64 * MIB, True, None),
-    "overlap 64 MiB hi-prio": (64 * MIB, True, -1),
-    "overlap 128 MiB": (128 * MIB, True, None),
-    "overlap 256 MiB": (256 * MIB, True, None),
-}
+VARIANTS = {"large-M 64 MiB": configs.SCRATCH_BYTES}  # name -> linear's scratch_bytes
 
 
 def interleaved(shapes, ms, rounds: int, reps: int = 5) -> list[dict]:
@@ -121,24 +113,13 @@ def interleaved(shapes, ms, rounds: int, reps: int = 5) -> list[dict]:
             xs = [torch.randn(m, k, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
             graphs, errs = {}, {}
             ref = torch.mm(xs[0], dense.T).float()
-            for name, (scratch, overlap, priority) in VARIANTS.items():
-                def call(x, p, scratch=scratch, overlap=overlap):
-                    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-                    gemm._launch_dequantized(x, p, out, scratch, overlap=overlap)
-                    return out
-                saved = dict(gemm._SIDE_STREAMS)
-                if priority is not None:
-                    gemm._SIDE_STREAMS[torch.device("cuda", torch.cuda.current_device())] = (
-                        torch.cuda.Stream(priority=priority))
-                try:
-                    errs[name] = ((call(xs[0], prepared[0]).float() - ref).norm()
-                                  / ref.norm()).item()
-                    assert errs[name] < 1e-2, f"{n}x{k} M={m} {name}: error {errs[name]:.2e}"
-                    graphs[name] = _capture([lambda x=x, p=p, c=call: c(x, p)
-                                             for x, p in zip(xs, prepared)])
-                finally:
-                    gemm._SIDE_STREAMS.clear()
-                    gemm._SIDE_STREAMS.update(saved)
+            for name, scratch in VARIANTS.items():
+                def call(x, p, scratch=scratch):
+                    return linear(x, p, dequantize_from_m=1, scratch_bytes=scratch)
+                errs[name] = ((call(xs[0], prepared[0]).float() - ref).norm() / ref.norm()).item()
+                assert errs[name] < 1e-2, f"{n}x{k} M={m} {name}: error {errs[name]:.2e}"
+                graphs[name] = _capture([lambda x=x, p=p, c=call: c(x, p)
+                                         for x, p in zip(xs, prepared)])
             graphs["cuBLAS"] = _capture([lambda x=x, w=bf16[i % len(bf16)]: torch.mm(x, w.T)
                                          for i, x in enumerate(xs)])
             names = list(graphs)

@@ -194,71 +194,24 @@ def test_linear_w4a4_emulation_per_shard(m, n, k):
     _close(out.cpu(), ref, torch.float16)
 
 
-def test_row_chunks_plan_two_buffers_within_the_scratch():
-    """Two buffers (next chunk dequantized during the current GEMM) only when the weight takes
-    more than one chunk; the scratch stays within max(scratch_bytes, 16 rows)."""
-    mib = 1 << 20
-    assert gemm.row_chunks(4096, 1, 4096, 2, 64 * mib) == (1, [(0, 0, 4096)])  # one chunk
-    buffers, chunks = gemm.row_chunks(28672, 1, 8192, 2, 64 * mib)
-    assert buffers == 2 and chunks == [(0, r, 2048) for r in range(0, 28672, 2048)]
-    assert gemm.row_chunks(28672, 1, 8192, 2, 64 * mib, overlap=False) == (
-        1, [(0, r, 4096) for r in range(0, 28672, 4096)])
-    assert gemm.row_chunks(28672, 1, 8192, 2, 128 * mib)[1][0] == (0, 0, 4096)
-    assert gemm.row_chunks(72, 1, 272, 2, 32 * 272 * 2) == (2, [(0, 0, 16), (0, 16, 16), (
-        0, 32, 16), (0, 48, 16), (0, 64, 8)])
-    assert gemm.row_chunks(120, 2, 144, 2, 16 * 144 * 2) == (1, [  # < 32 rows: one buffer
-        (0, 0, 16), (0, 16, 16), (0, 32, 16), (0, 48, 12),
-        (1, 60, 16), (1, 76, 16), (1, 92, 16), (1, 108, 12)])
-    assert gemm.row_chunks(40, 2, 256, 2, 64 * 256 * 2) == (2, [(0, 0, 20), (1, 20, 20)])
-    for n, shards, k, scratch in [(28672, 1, 8192, 64 * mib), (120, 2, 144, 40 * 144 * 2),
-                                  (1000, 4, 96, 4096)]:
-        buffers, chunks = gemm.row_chunks(n, shards, k, 2, scratch)
-        assert buffers * max(r for _, _, r in chunks) * k * 2 <= max(scratch, 16 * k * 2)
-        assert [c[1] for c in chunks] == sorted(c[1] for c in chunks)
-        assert sum(r for _, _, r in chunks) == n
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m, n, k, shards, scratch_rows", [
-    (3, 72, 272, 1, 32),  # two buffers of 16 rows: chunks 16, 16, 16, 16, 8; K = 128 * 2 + 16
+    (3, 72, 272, 1, 32),  # chunks of 32, 32, 8 rows; K = 128 * 2 + 16
     (9, 120, 144, 2, 16),  # shards of 60 rows with their own global scales: 16, 16, 16, 12
     (5, 40, 256, 2, 64),  # a shard of 20 rows is one chunk
 ])
 def test_linear_large_m_path_matches_reference(m, n, k, shards, scratch_rows, dtype):
-    """The dequantize-then-cuBLAS path, forced from M = 1 with a scratch of a few rows, with
-    two buffers (default) and with one (``overlap=False``)."""
+    """The dequantize-then-cuBLAS path, forced from M = 1 with a scratch of a few rows."""
     weight = _quantized((), n, k, shards, False, seed=n * k)
     assert shards == 1 or weight.global_scale[0] != weight.global_scale[1]
-    x = _activations(m, k, dtype, seed=m).to(DEVICE)
+    x = _activations(m, k, dtype, seed=m)
     prepared = gemm.prepare_linear(weight.to(DEVICE))
-    scratch_bytes = scratch_rows * k * x.element_size()
-    out = gemm.linear(x, prepared, dequantize_from_m=1, scratch_bytes=scratch_bytes)
-    ref = reference_linear.linear(x.cpu().float(), weight)
+    out = gemm.linear(x.to(DEVICE), prepared, dequantize_from_m=1,
+                      scratch_bytes=scratch_rows * k * x.element_size())
+    ref = reference_linear.linear(x.float(), weight)
     _close(out.cpu(), ref, dtype)
-    fused = gemm.linear(x, prepared, dequantize_from_m=m + 1)
+    fused = gemm.linear(x.to(DEVICE), prepared, dequantize_from_m=m + 1)
     assert (out.float() - fused.float()).norm() <= 1e-3 * fused.float().norm()
-    serial = torch.full_like(out, float("nan"))
-    gemm._launch_dequantized(x, prepared, serial, scratch_bytes, overlap=False)
-    assert (out.float() - serial.float()).norm() <= 1e-3 * serial.float().norm()
-
-
-@pytest.mark.skipif(not ON_GPU, reason="the side stream exists on a GPU only")
-def test_linear_large_m_overlap_has_no_race():
-    """Many chunks whose GEMMs take long enough for a too-early overwrite of a buffer to show:
-    the overlapped path, called repeatedly, agrees with the one-stream path every time."""
-    weight = _random_fp4((), 4096, 4096, odd_scales=False).to(DEVICE)
-    prepared = gemm.prepare_linear(weight)
-    scratch_bytes = 2 * 256 * 4096 * 2  # 16 chunks of 256 rows
-    assert gemm.row_chunks(4096, 1, 4096, 2, scratch_bytes)[0] == 2
-    for seed in range(3):
-        x = torch.randn(2048, 4096, dtype=torch.bfloat16, device=DEVICE)
-        serial = torch.full((2048, 4096), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-        gemm._launch_dequantized(x, prepared, serial, scratch_bytes, overlap=False)
-        for _ in range(3):
-            out = gemm.linear(x, prepared, dequantize_from_m=1, scratch_bytes=scratch_bytes)
-            assert torch.isfinite(out).all()
-            err = ((out.float() - serial.float()).norm() / serial.float().norm()).item()
-            assert err < 1e-3, f"seed {seed}: relative error {err:.2e} against one stream"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

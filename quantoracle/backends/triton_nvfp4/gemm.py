@@ -1,8 +1,8 @@
 """W4A16 NVFP4 dense GEMM in Triton: ``y[M, N] = x[M, K] @ W[N, K]^T``, W dequantized in registers.
 
 At large M (from a per-shape threshold in ``configs.DEQUANTIZE``), ``linear`` instead
-dequantizes W in bounded row chunks (:func:`_dequantize_kernel`, the same decode; the next chunk
-on a side stream while the current one is multiplied) and multiplies with cuBLAS: Triton 3.6 makes a ``wgmma`` whose operand was decoded in registers synchronous,
+dequantizes W in bounded row chunks (:func:`_dequantize_kernel`, the same decode) and multiplies
+with cuBLAS: Triton 3.6 makes a ``wgmma`` whose operand was decoded in registers synchronous,
 which caps the fused kernel near half the bf16 tensor-core rate there (docs/performance.md).
 
 Kernel design (the MoE kernels in ``moe.py`` share the K loop, :func:`mma_chunks`):
@@ -30,7 +30,6 @@ Kernel design (the MoE kernels in ``moe.py`` share the K loop, :func:`mma_chunks
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -385,11 +384,9 @@ def linear(
     - below ``dequantize_from_m`` tokens (default: ``configs.dequantize_config(N, K).min_m``,
       measured per shape), the fused kernel, weights dequantized in registers;
     - from there on (weight-only), :func:`_launch_dequantized`: the weight is dequantized in
-      row chunks into a transient scratch of at most ``max(scratch_bytes, 16 rows)`` (64 MiB by
-      default; two buffers when the weight takes more than one chunk, the next chunk
-      dequantized on a side stream while cuBLAS multiplies the current one), each chunk
-      multiplied by cuBLAS into its output columns, the dequantize-then-GEMM technique vLLM uses
-      for AWQ at large batch. The weights stay at 4.5
+      row chunks into a transient scratch buffer of at most ``max(scratch_bytes, 16 rows)``
+      (64 MiB by default), each chunk multiplied by cuBLAS into its output columns, the
+      dequantize-then-GEMM technique vLLM uses for AWQ at large batch. The weights stay at 4.5
       bits/weight at rest (DESIGN.md's "no bf16 copy of the weights" is about weights at rest);
       the scratch lives for one call and is bounded whatever N.
 
@@ -452,90 +449,29 @@ def _launch_dense(x, prepared, out, row0, rows, input_scale):
     )
 
 
-def row_chunks(n: int, shards: int, k: int, element_size: int, scratch_bytes: int,
-               overlap: bool = True) -> tuple[int, list[tuple[int, int, int]]]:
-    """The large-M path's plan: ``(buffers, [(shard, row0, rows), ...])``.
-
-    ``fit``: the rows ``scratch_bytes`` holds (a multiple of 16, at least 16). One buffer of
-    ``min(shard rows, fit)`` rows when the whole weight is one chunk, when ``overlap`` is off or
-    when ``fit`` < 32 rows; otherwise two buffers of ``min(shard rows, fit / 2)`` rows each (so the
-    scratch stays within ``max(scratch_bytes, 16 rows)``), chunk i + 1 dequantized while chunk i
-    is multiplied. Chunks never cross a shard (each shard has its own global scale)."""
-    shard_rows = n // shards
-    fit = max(ROW_BLOCK, scratch_bytes // (k * element_size) // ROW_BLOCK * ROW_BLOCK)
-    buffers = 2 if overlap and fit >= 2 * ROW_BLOCK and (shards > 1 or shard_rows > fit) else 1
-    chunk_rows = min(shard_rows, fit // buffers // ROW_BLOCK * ROW_BLOCK)
-    chunks = [(shard, row0, min(chunk_rows, (shard + 1) * shard_rows - row0))
-              for shard in range(shards)
-              for row0 in range(shard * shard_rows, (shard + 1) * shard_rows, chunk_rows)]
-    return min(buffers, len(chunks)), chunks
-
-
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The stream the large-M path dequantizes on, one per device (created once)."""
-    stream = _SIDE_STREAMS.get(device)
-    if stream is None:
-        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
-    return stream
-
-
-def _launch_dequantized(x, prepared, out, scratch_bytes, *, overlap=True):
-    """``out = x @ W^T`` by row chunks (:func:`row_chunks`): per chunk, :func:`_dequantize_kernel`
-    into a scratch ``[chunk_rows, K]`` in x.dtype, then cuBLAS ``out[:, chunk] = alpha *
+def _launch_dequantized(x, prepared, out, scratch_bytes):
+    """``out = x @ W^T`` by row chunks: per chunk of each shard, :func:`_dequantize_kernel` into
+    one reused scratch ``[chunk_rows, K]`` in x.dtype, then cuBLAS ``out[:, chunk] = alpha *
     x @ scratch^T`` with alpha the shard's global scale times the fold's inverse (fp32, applied
-    by cuBLAS to its fp32 result).
-
-    With two buffers, chunk i + 1 is dequantized into the other buffer while chunk i is
-    multiplied: on CUDA on a side stream forked from the current one (``side.wait_stream(main)``
-    before each dequantization: the GEMM that last read its buffer, two chunks back, is done;
-    ``main.wait_stream(side)`` before each GEMM: its chunk is written). The last dequantization is
-    waited for by the last GEMM, so all side work is joined into the current stream before the
-    call returns: no host synchronization, CUDA-graph capturable (the side stream forks from
-    and joins the capturing stream), and the scratch, allocated on and freed to the current
-    stream, is only reused by work ordered after the join. (``record_stream`` is deliberately not
-    used: it would keep every call's scratch from being reused until the side stream's event
-    completes, and within a graph capture until the capture ends: one scratch per call.) On CPU
-    (interpreter) the same order runs on one stream. ``overlap=False``: one buffer, dequantize
-    then multiply, one stream (the previous path, kept for comparison)."""
+    by cuBLAS to its fp32 result). ``chunk_rows``: as many as ``scratch_bytes`` holds, a
+    multiple of 16, at least 16, at most a shard."""
     m, k = x.shape
     decode = DECODE[x.dtype]
     cfg = configs.dequantize_config(prepared.n, k)
-    kchunks = padded_k(k) // CHUNK_K
-    buffers, chunks = row_chunks(prepared.n, prepared.shards, k, x.element_size(), scratch_bytes,
-                                 overlap)
-    chunk_rows = max(rows for _, _, rows in chunks)
-    scratch = [torch.empty(chunk_rows, k, dtype=x.dtype, device=x.device) for _ in range(buffers)]
-    main = side = None
-    if buffers == 2 and x.is_cuda:
-        main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
-
-    def dequantize(i):
-        _, row0, rows = chunks[i]
-        buf = scratch[i % buffers]
-        if side is not None:
-            side.wait_stream(main)
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            _dequantize_kernel[(triton.cdiv(rows, cfg.block_n), kchunks)](
-                prepared.words, prepared.scales, buf, row0, rows, k,
-                prepared.words.stride(0), prepared.scales.stride(0), buf.stride(0),
+    chunks = padded_k(k) // CHUNK_K
+    shard_rows = prepared.n // prepared.shards
+    per_chunk = scratch_bytes // (k * x.element_size()) // ROW_BLOCK * ROW_BLOCK
+    chunk_rows = min(shard_rows, max(ROW_BLOCK, per_chunk))
+    scratch = torch.empty(chunk_rows, k, dtype=x.dtype, device=x.device)
+    for shard, global_scale in enumerate(prepared.shard_scales):
+        alpha = global_scale * decode.unfold
+        for row0 in range(shard * shard_rows, (shard + 1) * shard_rows, chunk_rows):
+            rows = min(chunk_rows, (shard + 1) * shard_rows - row0)
+            _dequantize_kernel[(triton.cdiv(rows, cfg.block_n), chunks)](
+                prepared.words, prepared.scales, scratch, row0, rows, k,
+                prepared.words.stride(0), prepared.scales.stride(0), scratch.stride(0),
                 BLOCK_N=cfg.block_n, K_EXACT=k % CHUNK_K == 0,
                 DTYPE=decode.dtype, MAG_SHIFT=decode.mag_shift, SCALE_SHIFT=decode.scale_shift,
                 SCALE_BASE=decode.scale_base, num_warps=cfg.num_warps,
             )
-
-    ahead = buffers - 1  # chunks dequantized ahead of the GEMM: 0 or 1
-    if ahead:
-        dequantize(0)
-    for i, (shard, row0, rows) in enumerate(chunks):
-        if not ahead:
-            dequantize(i)
-        else:
-            if side is not None:
-                main.wait_stream(side)  # chunk i is written (side's last work so far)
-            if i + 1 < len(chunks):
-                dequantize(i + 1)  # after GEMM i - 1 (main's last work), which read its buffer
-        alpha = prepared.shard_scales[shard] * decode.unfold
-        out[:, row0:row0 + rows].addmm_(x, scratch[i % buffers][:rows].T, beta=0, alpha=alpha)
+            out[:, row0:row0 + rows].addmm_(x, scratch[:rows].T, beta=0, alpha=alpha)
