@@ -50,11 +50,12 @@ def matmul_rate(n: int = 8192) -> float:
     return 2 * n**3 / (ms * 1e-3)
 
 
-def graph_time_us(calls, target_s: float = 0.25, max_reps: int = 50) -> float:
-    """Median microseconds per call of ``calls`` (closures), replayed as one CUDA graph."""
+def capture_graph(calls) -> torch.cuda.CUDAGraph:
+    """``calls`` (closures) warmed up on a side stream (compile, allocate), then captured in one
+    CUDA graph and replayed once."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up: compile, allocate
+    with torch.cuda.stream(stream):
         for call in calls:
             call()
     torch.cuda.current_stream().wait_stream(stream)
@@ -65,6 +66,12 @@ def graph_time_us(calls, target_s: float = 0.25, max_reps: int = 50) -> float:
             call()
     graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def graph_time_us(calls, target_s: float = 0.25, max_reps: int = 50) -> float:
+    """Median microseconds per call of ``calls`` (closures), replayed as one CUDA graph."""
+    graph = capture_graph(calls)
     estimate_ms = statistics.median(_event_ms(graph.replay, 3))
     reps = max(5, min(max_reps, int(target_s * 1e3 / max(estimate_ms, 1e-3))))
     ms = statistics.median(_event_ms(graph.replay, reps))

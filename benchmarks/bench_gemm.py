@@ -34,7 +34,7 @@ import sys
 import torch
 
 from _common import (
-    _event_ms, copy_bandwidth, device_info, fmt_table, graph_time_us, matmul_rate, random_nvfp4,
+    _event_ms, capture_graph, copy_bandwidth, device_info, fmt_table, graph_time_us, matmul_rate, random_nvfp4,
     rel_err, write_json,
 )
 from quantoracle.backends.reference.linear import linear as reference_linear
@@ -76,24 +76,6 @@ def crossover(shape_results: list[dict]) -> int:
     return min_m
 
 
-def _capture(calls) -> torch.cuda.CUDAGraph:
-    """``calls`` warmed up on a side stream, then captured in one CUDA graph (replayed once)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    return graph
-
-
 VARIANTS = {"large-M 64 MiB": configs.SCRATCH_BYTES}  # name -> linear's scratch_bytes
 
 
@@ -118,9 +100,9 @@ def interleaved(shapes, ms, rounds: int, reps: int = 5) -> list[dict]:
                     return linear(x, p, dequantize_from_m=1, scratch_bytes=scratch)
                 errs[name] = ((call(xs[0], prepared[0]).float() - ref).norm() / ref.norm()).item()
                 assert errs[name] < 1e-2, f"{n}x{k} M={m} {name}: error {errs[name]:.2e}"
-                graphs[name] = _capture([lambda x=x, p=p, c=call: c(x, p)
+                graphs[name] = capture_graph([lambda x=x, p=p, c=call: c(x, p)
                                          for x, p in zip(xs, prepared)])
-            graphs["cuBLAS"] = _capture([lambda x=x, w=bf16[i % len(bf16)]: torch.mm(x, w.T)
+            graphs["cuBLAS"] = capture_graph([lambda x=x, w=bf16[i % len(bf16)]: torch.mm(x, w.T)
                                          for i, x in enumerate(xs)])
             names = list(graphs)
             per_round = {name: [] for name in names}
