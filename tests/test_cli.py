@@ -13,8 +13,10 @@ def test_backends_table_and_json(capsys):
     code, out, _ = run(capsys, "backends")
     assert code == 0 and "triton_nvfp4" in out and "reference" in out
     code, out, _ = run(capsys, "backends", "--json")
-    specs = {s["name"]: s for s in json.loads(out)}
-    assert specs["triton_nvfp4"]["min_capability"] == [8, 0]
+    specs = {s["name"]: s for s in json.loads(out)["backends"]}
+    assert specs["triton_nvfp4"]["capabilities"] == [{"low": [8, 0], "high": None}]
+    assert [s["name"] for s in specs["reference"]["schemes"]] == ["w4a16_nvfp4", "w4a4_nvfp4"]
+    assert specs["reference"]["provided_by"]["distribution"] == "quantoracle"
 
 
 def test_matrix_on_hopper_serves_both_nvfp4_schemes_weight_only(capsys):
