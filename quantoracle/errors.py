@@ -30,7 +30,37 @@ class ProblemError(QuantoracleError):
 
 
 class PluginError(QuantoracleError):
-    """A backend plugin is broken: duplicate backend names, an object that is not a backend."""
+    """A backend plugin is broken: its module does not import (a spec that fails validation
+    fails there), pluggy refuses its hook (wrong signature, name taken), its
+    ``quantoracle_backends`` hook raises or returns something other than a sequence of backends,
+    or it declares a backend name an earlier plugin declared.
+
+    The registry records it in ``Registry.broken`` (or raises it when strict). Fields, ``None``
+    where not known:
+
+    - ``plugin``: the plugin's registered name;
+    - ``entry_point``: the ``importlib.metadata.EntryPoint`` it came from (``group``, ``name``,
+      ``value``); ``None`` for a built-in or a plugin registered by code;
+    - ``distribution``, ``version``: the installed distribution that provides it;
+    - ``cause``: what is wrong, one sentence; the exception behind it, if any, is ``__cause__``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        plugin: str,
+        cause: str,
+        entry_point: object = None,  # importlib.metadata.EntryPoint
+        distribution: str | None = None,
+        version: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.plugin = plugin
+        self.cause = cause
+        self.entry_point = entry_point
+        self.distribution = distribution
+        self.version = version
 
 
 class UnsupportedModelError(QuantoracleError, ValueError):
