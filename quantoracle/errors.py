@@ -71,3 +71,40 @@ class UnsupportedModelError(QuantoracleError, ValueError):
 
 class CalibrationError(QuantoracleError, ValueError):
     """W4A4 quantization lacks the calibrated input amax of a module it quantizes."""
+
+
+class DeviceError(QuantoracleError, ValueError):
+    """A device that quantoracle cannot parse or probe: ``"sm00"``, ``None``, ``"tpu"``."""
+
+
+class InputError(QuantoracleError, ValueError):
+    """A tensor given to a layer at call or build time has the wrong shape, dtype or values: a
+    hidden size that is not the layer's, integer activations, expert ids outside ``[0, E)``,
+    router logits of the wrong width. The message names the layer, the tensor, what was found
+    and what was expected. (A ValueError, as torch raises for such input; unlike ProblemError it
+    never passes through pydantic.)"""
+
+
+class QuarantineError(QuantoracleError, ValueError):
+    """A quarantine file that cannot be read: bad JSON/TOML, an entry with a wrong field."""
+
+
+class TuningCacheError(QuantoracleError, ValueError):
+    """A tuning cache file that cannot be read or written."""
+
+
+class CheckpointPathError(CheckpointFormatError):
+    """A path given as a checkpoint or model directory is none: it does not exist (a Hugging Face
+    hub id is not downloaded), it is a file, or it holds no config.json. The message names the
+    path and what to pass instead."""
+
+
+class UnquantizedModelError(CheckpointFormatError):
+    """A 16-bit model directory (config.json without quantization_config, no
+    hf_quant_config.json) where a quantized checkpoint is needed. The message names the command
+    that quantizes it."""
+
+
+class OptionError(QuantoracleError, ValueError):
+    """Options that contradict each other or have a wrong type: ``force`` also in ``exclude``,
+    an unknown ``activation_fallback``, ``tokens=0``."""

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from quantoracle import layer_inputs
 from quantoracle.errors import CheckpointFormatError, ProblemError
 from quantoracle.oracle import Device, ParallelConfig, Problem, Resolution, resolve
 from quantoracle.oracle.engine import ActivationFallback
@@ -141,6 +142,7 @@ class NVFP4Linear(_ResolvedLayer):
         gather_output: bool = True,
         input_is_parallel: bool = False,
     ) -> None:
+        layer_inputs.check_linear_weight(weight, name)
         super().__init__()
         column = parallel.tp_dim == "column"
         if (not gather_output and not column) or (input_is_parallel and column):
@@ -169,6 +171,7 @@ class NVFP4Linear(_ResolvedLayer):
     ) -> "NVFP4Linear":
         """Quantize a float ``weight[N, K]`` (ModelOpt numerics) and build the layer on its device.
         W4A4 needs ``input_amax``, the calibrated max |x| of the layer's input."""
+        layer_inputs.check_float_weights("NVFP4Linear.from_float", 2, weight=weight)
         amax = None
         if not scheme.weight_only:
             if input_amax is None:
@@ -189,6 +192,7 @@ class NVFP4Linear(_ResolvedLayer):
         """Linear ``name`` of a checkpoint, on ``device``, with the checkpoint's scheme (after its
         activation override). Under tensor parallelism only this rank's rows (column-parallel)
         or columns (row-parallel) are read from disk."""
+        layer_inputs.check_checkpoint_kind(checkpoint, name, "linear")
         entry = _entry(checkpoint, name)
         # resolve before reading: a sharding no backend serves is explained, not half-read
         _resolve(_linear_problem(entry.scheme, device or "cpu", options.get("dtype", torch.bfloat16),
@@ -203,6 +207,7 @@ class NVFP4Linear(_ResolvedLayer):
         return cls(weight, scheme=entry.scheme, parallel=parallel, name=name, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer_inputs.check_linear_input(self, x)
         p = self.resolution.problem.parallel
         if p.tp_size > 1 and p.tp_dim == "row" and not self.input_is_parallel:
             shard = self.in_features // p.tp_size
@@ -271,6 +276,7 @@ class NVFP4FusedMoE(_ResolvedLayer):
     ) -> "NVFP4FusedMoE":
         """Quantize float experts ``gate_up[E, 2I, H]`` (gate rows first) and ``down[E, H, I]``.
         W4A4 needs ``input_amax`` float32 ``[E, 3]``: max |x| into gate, up and down."""
+        layer_inputs.check_float_weights("NVFP4FusedMoE.from_float", 3, gate_up=gate_up, down=down)
         amax = [None, None]
         if not scheme.weight_only:
             if input_amax is None:
@@ -296,6 +302,7 @@ class NVFP4FusedMoE(_ResolvedLayer):
         """The experts of MoE block ``prefix`` (``...mlp.experts``) of a checkpoint, on
         ``device``. Only this rank's experts (expert parallelism) and intermediate slice (tensor
         parallelism) are read from disk."""
+        layer_inputs.check_checkpoint_kind(checkpoint, prefix, "moe")
         entry = _entry(checkpoint, prefix)
         # resolve before reading (this also rejects experts not divisible by ep_size)
         _resolve(_moe_problem(entry.scheme, device or "cpu", options.get("dtype", torch.bfloat16), entry.experts,
@@ -321,11 +328,13 @@ class NVFP4FusedMoE(_ResolvedLayer):
         return weights, ids
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        layer_inputs.check_router_logits(self, x, router_logits)
         topk_weights, topk_ids = self.route(router_logits)
         return self.forward_routed(x, topk_weights, topk_ids)
 
     def forward_routed(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """The experts alone: ``x[M, H]``, ``topk_weights[M, k]``, global ``topk_ids[M, k]``."""
+        layer_inputs.check_routed_input(self, x, topk_weights, topk_ids)
         y = self.resolution.backend.apply(self.prepared, x.to(self.dtype), topk_weights, topk_ids)
         p = self.resolution.problem.parallel
         if p.tp_size * p.ep_size > 1:
