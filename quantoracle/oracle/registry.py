@@ -33,6 +33,7 @@ from quantoracle.oracle.spec import Backend, BackendSpec
 BUILTIN_PLUGINS = (
     "quantoracle.backends.reference.plugin",
     "quantoracle.backends.triton_nvfp4.plugin",
+    "quantoracle.backends.humming.plugin",
 )
 BUILTIN_DISTRIBUTION = "quantoracle"
 ENV_STRICT = "QUANTORACLE_STRICT_PLUGINS"
