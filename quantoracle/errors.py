@@ -36,7 +36,8 @@ class PluginError(QuantoracleError):
     or it declares a backend name an earlier plugin declared.
 
     The registry records it in ``Registry.broken`` (or raises it when strict). Fields, ``None``
-    where not known:
+    where not known (all of them for an error raised outside the registry, such as a backend
+    asked to prepare a layer kind it has no kernels for):
 
     - ``plugin``: the plugin's registered name;
     - ``entry_point``: the ``importlib.metadata.EntryPoint`` it came from (``group``, ``name``,
@@ -49,8 +50,8 @@ class PluginError(QuantoracleError):
         self,
         message: str,
         *,
-        plugin: str,
-        cause: str,
+        plugin: str | None = None,
+        cause: str | None = None,
         entry_point: object = None,  # importlib.metadata.EntryPoint
         distribution: str | None = None,
         version: str | None = None,
