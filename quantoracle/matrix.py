@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from quantoracle.oracle import Device, NoBackendError, Problem, Registry, default_registry, resolve
 from quantoracle.oracle.engine import ActivationFallback, _resolve
+from quantoracle.oracle.rules import RuleFailure
 from quantoracle.oracle.spec import LAYER_KINDS, ActivationDtype
 from quantoracle.schemes.scheme import SCHEMES
 
@@ -33,22 +35,26 @@ def matrix(
     activation_fallback: ActivationFallback = "weight_only",
     registry: Registry | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per problem: scheme, kind, chosen backend (or None), fallback, and the reasons."""
+    """One row per problem: ``scheme`` and ``kind``, the chosen ``backend`` (or None), the
+    ``fallback`` taken and the ``served_scheme``, and the failed rule codes per backend: ``asked_rejections`` against the
+    problem as asked (every backend's reasons when none serves it, or why a fallback was
+    needed), ``rejections`` against the problem served (empty when none is served)."""
     rows = []
     for problem in problems(device, dtype):
         row: dict[str, Any] = {"scheme": problem.scheme.name, "kind": problem.kind}
         try:
             res = resolve(problem, activation_fallback=activation_fallback, registry=registry)
         except NoBackendError as err:
-            row.update(backend=None, fallback=None, rejections={
-                name: [f.code for f in failures] for name, failures in err.rejections.items()
-            })
+            row.update(backend=None, fallback=None, served_scheme=None, asked_rejections=_codes(err.rejections), rejections={})
         else:
-            row.update(backend=res.name, fallback=res.fallback, rejections={
-                name: [f.code for f in failures] for name, failures in res.rejections.items()
-            })
+            row.update(backend=res.name, fallback=res.fallback, served_scheme=res.scheme.name, asked_rejections=_codes(res.asked_rejections),
+                       rejections=_codes(res.rejections))
         rows.append(row)
     return rows
+
+
+def _codes(rejections: Mapping[str, Sequence[RuleFailure]]) -> dict[str, list[str]]:
+    return {name: [f.code for f in failures] for name, failures in rejections.items()}
 
 
 BENCH_DEVICES = ("cpu", "sm80", "sm90", "sm100")

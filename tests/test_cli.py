@@ -25,7 +25,10 @@ def test_matrix_on_hopper_serves_both_nvfp4_schemes_weight_only(capsys):
     assert rows["w4a16_nvfp4", "moe"]["backend"] == "triton_nvfp4"
     assert rows["w4a4_nvfp4", "moe"]["fallback"] == "weight_only"
     assert rows["w8a8_fp8", "linear"]["backend"] is None
-    assert rows["w8a8_fp8", "linear"]["rejections"]["reference"] == ["weight_scheme"]
+    assert rows["w8a8_fp8", "linear"]["asked_rejections"]["reference"] == ["weight_scheme"]
+    # the as-asked reasons of a fallback row: why W4A4 is not served natively
+    assert "activation_scheme" in rows["w4a4_nvfp4", "moe"]["asked_rejections"]["reference"]
+    assert rows["w4a4_nvfp4", "moe"]["served_scheme"] == "w4a16_nvfp4"
     code, out, _ = run(capsys, "matrix", "--device", "cpu", "--dtype", "float32")
     assert "w4a16_nvfp4       moe     reference" in out
 

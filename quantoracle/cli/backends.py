@@ -8,6 +8,7 @@ import json
 from math import lcm
 from typing import Any
 
+from quantoracle._version import __version__
 from quantoracle.cli.options import add_json
 from quantoracle.oracle import default_registry
 from quantoracle.oracle.registry import PluginOrigin
@@ -42,6 +43,12 @@ def provider(origin: PluginOrigin) -> str:
     return f"{origin.distribution} {origin.version or '(version unknown)'}"
 
 
+def provided_by(backend: str) -> dict[str, str | None]:
+    """The plugin and distribution (with its version) that declare ``backend``, for JSON."""
+    origin = default_registry().origin(backend)
+    return {"plugin": origin.plugin, "distribution": origin.distribution, "version": origin.version}
+
+
 def _shape(spec: BackendSpec) -> str:
     text = f"n%{spec.n_multiple_of} k%{spec.k_multiple_of}"
     if "moe" in spec.layer_kinds and (spec.n_multiple_of, spec.k_multiple_of) != (1, 1):
@@ -63,11 +70,11 @@ def _row(spec: BackendSpec, origin: PluginOrigin) -> list[object]:
     ]
 
 
-def _backend_json(spec: BackendSpec, origin: PluginOrigin) -> dict[str, Any]:
+def _backend_json(spec: BackendSpec) -> dict[str, Any]:
     data = spec.model_dump(mode="json")
     for support, dumped in zip(spec.schemes, data["schemes"]):
         dumped["name"] = scheme_name(support)
-    data["provided_by"] = {"plugin": origin.plugin, "distribution": origin.distribution, "version": origin.version}
+    data["provided_by"] = provided_by(spec.name)
     return data
 
 
@@ -86,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     specs = sorted((b.spec for b in registry.backends.values()), key=lambda s: (-s.priority, s.name))
     if args.json:
         print(json.dumps({
-            "backends": [_backend_json(s, registry.origin(s.name)) for s in specs],
+            "quantoracle": __version__,
+            "backends": [_backend_json(s) for s in specs],
             "broken": [_broken_json(e) for e in registry.broken],
         }, indent=2))
         return 0

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from quantoracle.cli.backends import provided_by
 from quantoracle.cli.options import add_json, add_oracle_options, oracle_device
+from quantoracle._version import __version__
+from quantoracle.oracle import default_registry
 from quantoracle.report import table
 
 HELP = "every scheme x layer kind -> backend, or why none"
@@ -26,16 +29,28 @@ def run(args: argparse.Namespace) -> int:
     chosen = oracle_device(args.device)
     rows = matrix(chosen.device, args.dtype, args.activation_fallback)
     if args.json:
-        print(json.dumps({"device": str(chosen.device), "device_source": chosen.source, "dtype": args.dtype,
-                          "activation_fallback": args.activation_fallback, "rows": rows}, indent=2))
+        print(json.dumps({
+            "quantoracle": __version__, "device": str(chosen.device), "device_source": chosen.source,
+            "dtype": args.dtype, "activation_fallback": args.activation_fallback, "rows": rows,
+            "backends": {name: provided_by(name) for name in default_registry().backends},
+        }, indent=2))
         return 0
     out = []
     for r in rows:
-        why = "; ".join(f"{n}: {','.join(codes)}" for n, codes in r["rejections"].items())
         backend = r["backend"] or "NONE"
         if r["fallback"]:
             backend += f" ({r['fallback']})"
+        why = _codes(r["asked_rejections"])
+        if r["fallback"] and r["rejections"]:
+            why += f" | served as {r['served_scheme']}: {_codes(r['rejections'])}"
+        elif r["backend"]:
+            why = _codes(r["rejections"])
         out.append([r["scheme"], r["kind"], backend, why])
     print(f"device {chosen}, activations {args.dtype}, activation_fallback={args.activation_fallback}")
-    print(table(["scheme", "layer", "backend", "rejected (rule codes)"], out))
+    print(table(["scheme", "layer", "backend", "rejected (rule codes; as asked first)"], out))
     return 0
+
+
+def _codes(rejections: dict[str, list[str]]) -> str:
+    return "; ".join(f"{name}: {','.join(codes)}" for name, codes in rejections.items())
+
