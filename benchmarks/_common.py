@@ -21,6 +21,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from quantoracle.schemes.tensors import NVFP4Tensor  # noqa: E402
 
 
+def require_cuda(tool: str) -> None:
+    """Exit with status 2 and one line on stderr naming ``tool`` when torch sees no CUDA GPU.
+    Every GPU-only benchmark calls this after parsing its arguments (``--help`` works anywhere)."""
+    if not torch.cuda.is_available():
+        print(f"{tool}: needs a CUDA GPU, and torch {torch.__version__} sees none "
+              f"(CUDA build: {torch.version.cuda or 'no'})", file=sys.stderr)
+        sys.exit(2)
+
+
 def _event_ms(fn, reps: int) -> list[float]:
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]

@@ -35,7 +35,7 @@ import torch
 
 from _common import (
     _event_ms, capture_graph, copy_bandwidth, device_info, fmt_table, graph_time_us, matmul_rate, random_nvfp4,
-    rel_err, write_json,
+    rel_err, require_cuda, write_json,
 )
 from quantoracle.backends.reference.linear import linear as reference_linear
 from quantoracle.backends.triton_nvfp4 import configs
@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--interleaved", type=int, default=0, metavar="ROUNDS")
     args = parser.parse_args()
+    require_cuda("bench_gemm")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
     if args.interleaved:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from _common import require_cuda
 from quantoracle.layers import NVFP4FusedMoE
 from quantoracle.oracle import ParallelConfig
 from quantoracle.report import table
@@ -205,6 +206,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
+    if args.device == "cuda":
+        require_cuda("bench_parallel")
     if "RANK" not in os.environ:
         sys.exit("bench_parallel: launch with torchrun --nproc-per-node N (one process per device)")
     if args.device == "cuda":

@@ -1,4 +1,5 @@
-"""Plot speedup vs M from the JSON of bench_moe.py / bench_gemm.py (needs matplotlib).
+"""Plot speedup vs M from the JSON of bench_moe.py / bench_gemm.py (needs matplotlib:
+``pip install matplotlib``; it is in no quantoracle extra).
 
     python benchmarks/plot.py docs/performance/bench_moe.json docs/performance/bench_gemm.json \
         --out docs/performance/speedup.png
@@ -12,12 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _series(results, baseline_key, peer_key):
@@ -37,6 +34,14 @@ def main() -> None:
     parser.add_argument("files", nargs="+")
     parser.add_argument("--out", default="speedup.png")
     args = parser.parse_args()
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        print("plot.py: needs matplotlib, which is not installed: pip install matplotlib", file=sys.stderr)
+        sys.exit(2)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(args.files), figsize=(6.5 * len(args.files), 4.5),
                              squeeze=False)
     for ax, path in zip(axes[0], args.files):

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -180,18 +181,23 @@ def weight_error(checkpoint_dir: Path, state: Mapping[str, torch.Tensor]) -> flo
     return (num / den) ** 0.5
 
 
-def _time(fn: Callable[[], torch.Tensor], device: torch.device, repeat: int = 5) -> float:
-    fn()  # warm-up: compilation and caches stay out of the number
+TIMED_RUNS = 5
+
+
+def _time(fn: Callable[[], torch.Tensor], device: torch.device, runs: int = TIMED_RUNS) -> float:
+    """Seconds per call of ``fn``: the median of ``runs`` host-timed calls (synchronized on a
+    GPU), after one untimed warm-up call (compilation and caches stay out of the number)."""
+    fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
     times = []
-    for _ in range(repeat):
+    for _ in range(runs):
         start = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 VARIANTS: tuple[tuple[str, Scheme, ActivationFallback], ...] = (
@@ -203,7 +209,8 @@ VARIANTS: tuple[tuple[str, Scheme, ActivationFallback], ...] = (
 
 def run(device: torch.device | None = None, cfg: ToyConfig | None = None, workdir: Path | None = None,
         progress: bool = True) -> dict[str, Any]:
-    """Run the demo; return a JSON-ready report (``quantoracle demo --json`` prints it)."""
+    """Run the demo; return a JSON-ready report (``quantoracle demo --json`` prints it). Every
+    ``*_ms`` is the median of ``report["timing"]["runs"]`` calls of the whole model."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = cfg or ToyConfig.for_device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -214,7 +221,9 @@ def run(device: torch.device | None = None, cfg: ToyConfig | None = None, workdi
     float_seconds = _time(lambda: float_model(x), device)
 
     report: dict[str, Any] = {"device": str(device), "config": asdict(cfg), "dtype": str(dtype).removeprefix("torch."),
-                              "float_ms": float_seconds * 1e3, "variants": []}
+                              "float_ms": float_seconds * 1e3,
+                              "timing": {"statistic": "median", "runs": TIMED_RUNS, "warmup_runs": 1},
+                              "variants": []}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         written: dict[str, Path] = {}
         for label, scheme, policy in VARIANTS:

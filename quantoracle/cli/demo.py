@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
                     [[*key, f"{len(names)} ({names[0]}, ...)" if len(names) > 1 else names[0]]
                      for key, names in rows.items()]))
     print()
-    print(table(["checkpoint", "activation_fallback", "rel. error vs bf16 model", "forward ms", "weight MiB"], [
+    forward = f"forward ms ({report['timing']['statistic']} of {report['timing']['runs']})"
+    print(table(["checkpoint", "activation_fallback", "rel. error vs bf16 model", forward, "weight MiB"], [
         [v["checkpoint"], v["activation_fallback"], f"{v['rel_error']:.2%}", f"{v['ms']:.2f}",
          f"{v['weight_bytes'] / 2**20:.2f}"] for v in report["variants"]
     ] + [["bf16 (float32 math)", "-", "0", f"{report['float_ms']:.2f}", f"{report['float_weight_bytes'] / 2**20:.2f}"]]))
