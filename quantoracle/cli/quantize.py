@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from quantoracle.cli.options import UsageError, add_quiet, show_progress
+from quantoracle.schemes.checkpoint.writer import DEFAULT_EXCLUDE
 
 HELP = "quantize a 16-bit safetensors model directory to NVFP4"
 AMAX_EXAMPLE = '\'{"model.layers.0.self_attn.o_proj": 3.5, ...}\''
@@ -27,7 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--format", default="modelopt", choices=["modelopt", "compressed-tensors"],
                         help="checkpoint format")
     parser.add_argument("--exclude", action="append", metavar="GLOB",
-                        help="module-name glob kept 16-bit (repeatable)")
+                        help="module-name glob kept 16-bit (repeatable), in addition to the defaults "
+                             f"({', '.join(DEFAULT_EXCLUDE)})")
+    parser.add_argument("--no-default-exclude", action="store_true",
+                        help="quantize the modules the defaults keep 16-bit too (only --exclude is kept)")
     parser.add_argument("--input-amax", metavar="JSON", type=input_amax,
                         help="w4a4_nvfp4: each quantized module's calibrated max |input|, as a JSON "
                              f"object inline ({AMAX_EXAMPLE}) or the path of a file holding one")
@@ -36,8 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def input_amax(text: str) -> dict[str, Any]:
-    """``--input-amax``: a JSON object given inline (it starts with ``{``) or in a file."""
-    if text.lstrip().startswith("{"):
+    """``--input-amax``: a JSON object given inline (text starting with ``{``, or ``[`` to say
+    that an array is not one) or in a file."""
+    if text.lstrip().startswith(("{", "[")):
         source, document = "the inline JSON", text
     else:
         path = Path(text)
@@ -57,12 +62,11 @@ def input_amax(text: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantoracle.schemes.checkpoint import DEFAULT_EXCLUDE, quantize_checkpoint
+    from quantoracle.schemes.checkpoint import quantize_checkpoint
 
-    path = quantize_checkpoint(
-        args.src, args.dst, args.scheme, format=args.format,
-        exclude=tuple(args.exclude) if args.exclude else DEFAULT_EXCLUDE, input_amax=args.input_amax,
-        progress=show_progress(args),
+    summary = quantize_checkpoint(
+        args.src, args.dst, args.scheme, format=args.format, exclude=tuple(args.exclude or ()),
+        default_exclude=not args.no_default_exclude, input_amax=args.input_amax, progress=show_progress(args),
     )
-    print(f"wrote {args.format} {args.scheme} checkpoint to {path}")
+    print(summary.describe())
     return 0
