@@ -1,9 +1,9 @@
 """An out-of-tree quantoracle backend plugin, complete.
 
-It declares W4A4 NVFP4 (FP4 activations) for Linear and MoE layers on Blackwell (sm100+), the
-kind of backend a native FP4 tensor-core kernel would register. This example has no such kernel:
-it runs the W4A4 numerics through quantoracle's reference functions, so it is exact and slow.
-Swap ``_kernels`` for your own to make it real.
+It declares W4A4 NVFP4 (FP4 activations) for Linear and MoE layers on Blackwell (sm100 or newer),
+the kind of backend a native FP4 tensor-core kernel would register. This example has no such
+kernel: it runs the W4A4 numerics through quantoracle's reference functions, so it is exact and
+slow. Swap ``_kernels`` for your own to make it real.
 """
 
 from quantoracle.backends.base import KernelBackend, Kernels
@@ -16,19 +16,22 @@ SPEC = BackendSpec(
     layer_kinds={"linear", "moe"},
     schemes=(SchemeSupport(weight=NVFP4_WEIGHT, activation=NVFP4_ACT_DYNAMIC),),
     platforms={"cuda"},
-    min_capability=(10, 0),
+    capabilities=("sm100+",),
     dtypes={"bfloat16"},
-    moe_activations={"silu"},
     k_multiple_of=64,
     priority=20,
 )
 
 
-def _kernels() -> Kernels:
+def _kernels() -> Kernels:  # called on the first prepare, not when the plugin is imported
     from quantoracle.backends.reference.linear import linear
     from quantoracle.backends.reference.moe import fused_moe
 
-    return Kernels(lambda w: w, linear, lambda w: w, fused_moe)
+    return Kernels(prepare_linear=_unchanged, linear=linear, prepare_moe=_unchanged, fused_moe=fused_moe)
+
+
+def _unchanged(weights):
+    return weights  # a real kernel re-lays the checkpoint's tensors here, once per layer
 
 
 @hookimpl
