@@ -17,7 +17,7 @@ from oracle_helpers import EXAMPLE, FP8Plugin, _no_kernels
 
 import quantoracle.oracle.registry as registry_module
 from quantoracle.backends.base import KernelBackend
-from quantoracle.errors import PluginError
+from quantoracle.errors import OptionError, PluginError
 from quantoracle.oracle import (
     BackendSpec, Device, Problem, Registry, SchemeSupport, UnknownBackendError, hookimpl, resolve,
 )
@@ -186,7 +186,7 @@ def test_strict_raises_the_first_plugin_error(monkeypatch):
 
 def test_the_strict_variable_accepts_only_0_and_1(monkeypatch):
     monkeypatch.setenv("QUANTORACLE_STRICT_PLUGINS", "yes")
-    with pytest.raises(ValueError, match="QUANTORACLE_STRICT_PLUGINS='yes': use 1 .* or 0"):
+    with pytest.raises(OptionError, match="QUANTORACLE_STRICT_PLUGINS='yes': use 1 .* or 0"):
         Registry(entry_points=False)
 
 

@@ -25,7 +25,7 @@ from importlib import metadata
 
 import pluggy
 
-from quantoracle.errors import PluginError
+from quantoracle.errors import OptionError, PluginError
 from quantoracle.oracle import hookspecs
 from quantoracle.oracle.spec import Backend, BackendSpec
 
@@ -267,7 +267,7 @@ class Registry:
 def _strict_from_env() -> bool:
     value = os.environ.get(ENV_STRICT, "")
     if value not in ("", "0", "1"):
-        raise ValueError(
+        raise OptionError(
             f"{ENV_STRICT}={value!r}: use 1 (a broken plugin raises PluginError) or 0 / unset "
             "(it is recorded in Registry.broken and the other backends keep working)"
         )
