@@ -6,6 +6,7 @@ In-process plugins are registered through ``Registry.register``; entry-point fai
 one real distribution, pip-installed once, whose entry points are broken variants of the example
 plugin in docs/examples."""
 
+import json
 import logging
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 from oracle_helpers import EXAMPLE, FP8Plugin, _no_kernels
 
 import quantoracle.oracle.registry as registry_module
+from quantoracle.cli import main
 from quantoracle.backends.base import KernelBackend
 from quantoracle.errors import OptionError, PluginError
 from quantoracle.oracle import (
@@ -281,3 +283,11 @@ def test_resolve_works_beside_broken_entry_points(installed):
 def test_strict_raises_for_the_first_broken_entry_point(installed):
     with pytest.raises(PluginError, match="'import_fails'.*ModuleNotFoundError"):
         Registry(strict=True)
+
+
+def test_the_cli_lists_broken_plugins_beside_the_working_ones(installed, monkeypatch, capsys):
+    monkeypatch.setattr(registry_module, "_default", None)  # the CLI's registry, made with the site installed
+    assert main(["backends", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {b["name"] for b in report["backends"]} >= {"reference", "example_w4a4"}
+    assert {b["plugin"]: b["distribution"] for b in report["broken"]} == dict.fromkeys(BROKEN_VARIANTS, BROKEN_DISTRIBUTION)
