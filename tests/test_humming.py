@@ -18,6 +18,7 @@ from quantoracle.backends.humming import plugin as humming_plugin
 from quantoracle.backends.humming.convert import (
     GemmShape, checkpoint_tensors, gemm_shape, torch_dtype, uniform_global_scale,
 )
+from quantoracle.backends.humming.kernels import OPEN, tuning_ranges
 from quantoracle.backends.humming.routing import indexed_routing, weighted_topk_sum
 from quantoracle.backends.reference import linear as reference_linear
 from quantoracle.backends.reference import moe as reference_moe
@@ -199,6 +200,16 @@ def test_dtype_names():
         torch_dtype("float32")
 
 
+def test_tuning_ranges_cut_at_max_m_still_cover_every_m():
+    full = [[0, 8, {"block_shape": [16, 64, 64]}], [8, 64, {"block_shape": [32, 64, 64]}],
+            [64, OPEN, {"block_shape": [64, 128, 64]}]]
+    assert tuning_ranges(full, None) == full
+    assert tuning_ranges(full, 8) == [[0, OPEN, full[0][2]]]
+    assert tuning_ranges(full, 9) == [full[0], [8, OPEN, full[1][2]]]
+    assert tuning_ranges(full, 10**6) == full
+    assert full[1][1] == 64  # the cached list Humming returned is not changed
+
+
 # ------------------------------------------------------------- routing glue (Triton, any device)
 DEVICE = "cuda" if ON_GPU else "cpu"
 
@@ -240,6 +251,7 @@ def test_weighted_topk_sum_reads_only_local_pairs():
 # ----------------------------------------------------------------- GPU: Humming's kernels
 gpu = pytest.mark.skipif(not (ON_GPU and HAS_HUMMING), reason="needs CUDA and humming-kernels")
 DTYPES = [torch.bfloat16, torch.float16]
+MAX_M = 4096  # compile the kernels of M (pairs) up to here: the tests' sizes, a bounded JIT time
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -252,16 +264,16 @@ def _activations(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return (torch.randn(m, k, generator=g) * torch.rand(m, k, generator=g) ** 3).to(dtype)
 
 
-@gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n, k, shards, same", [
-    (256, 512, 1, True), (200, 272, 2, False), (768, 1024, 3, False), (512, 4096, 1, True),
+@gpu  # few distinct shapes: each one compiles its own kernels
+@pytest.mark.parametrize("n, k, shards, same, dtype", [
+    (512, 1024, 1, True, torch.bfloat16), (512, 1024, 1, True, torch.float16),
+    (200, 272, 2, False, torch.bfloat16),  # N and K padded; per-row global scale
 ])
 def test_linear_matches_reference(n, k, shards, same, dtype):
     from quantoracle.backends.humming import kernels
 
     w = _quantized((), n, k, shards, seed=n + k, same_scale=same).to("cuda")
-    prepared = kernels.prepare_linear(w, dtype=dtype)
+    prepared = kernels.prepare_linear(w, dtype=dtype, max_m=MAX_M)
     shape = gemm_shape(w)
     assert prepared.gemm.converted.nbytes == shape.nbytes(not uniform_global_scale(w))
     for m in (1, 7, 33, 300, 1100):
@@ -285,20 +297,20 @@ def _routing(m, top_k, id_range, seed):
     return torch.rand(m, top_k, generator=g), ids
 
 
-@gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("experts, hidden, inter, top_k, first, id_range, activation, same", [
-    (8, 256, 128, 1, 0, 8, "silu", True),
-    (8, 512, 256, 2, 0, 8, "silu", False),  # gate and up scales differ: per-row scale_2
-    (16, 1024, 384, 8, 0, 16, "silu", True),
-    (6, 256, 128, 2, 2, 12, "silu", True),  # expert parallel: non-local ids on both sides
-    (4, 384, 144, 2, 0, 4, "gelu", True),  # N, K padded
+@gpu  # few distinct shapes: each one compiles its own kernels
+@pytest.mark.parametrize("experts, hidden, inter, top_k, first, id_range, activation, same, dtype", [
+    (16, 512, 256, 1, 0, 16, "silu", True, torch.bfloat16),
+    (16, 512, 256, 8, 0, 16, "silu", True, torch.bfloat16),
+    (16, 512, 256, 2, 4, 32, "silu", True, torch.bfloat16),  # expert parallel: non-local ids both sides
+    (16, 512, 256, 2, 0, 16, "gelu", True, torch.float16),
+    (16, 512, 256, 2, 0, 16, "silu", False, torch.bfloat16),  # gate != up scale: per-row scale_2
+    (4, 384, 144, 2, 0, 4, "silu", True, torch.bfloat16),  # N, K padded
 ])
 def test_fused_moe_matches_reference(experts, hidden, inter, top_k, first, id_range, activation, same, dtype):
     from quantoracle.backends.humming import kernels
 
     weights = _moe_weights(experts, hidden, inter, first, same).to("cuda")
-    prepared = kernels.prepare_moe(weights, dtype=dtype, activation=activation)
+    prepared = kernels.prepare_moe(weights, dtype=dtype, activation=activation, max_m=MAX_M)
     for m in (1, 5, 64, 333):
         x = _activations(m, hidden, dtype, seed=m).cuda()
         topk_weights, topk_ids = (t.cuda() for t in _routing(m, top_k, id_range, seed=m))
@@ -313,9 +325,9 @@ def test_fused_moe_matches_reference(experts, hidden, inter, top_k, first, id_ra
 def test_fused_moe_with_no_local_tokens_is_zero():
     from quantoracle.backends.humming import kernels
 
-    prepared = kernels.prepare_moe(_moe_weights(2, 256, 128, 4, True).to("cuda"))
-    x = _activations(3, 256, torch.bfloat16, seed=1).cuda()
-    ids = torch.tensor([[0, 1], [2, 3], [6, 7]], device="cuda")
+    prepared = kernels.prepare_moe(_moe_weights(16, 512, 256, 16, True).to("cuda"), max_m=MAX_M)
+    x = _activations(3, 512, torch.bfloat16, seed=1).cuda()
+    ids = torch.tensor([[0, 1], [2, 3], [32, 40]], device="cuda")
     out = kernels.fused_moe(x, prepared, torch.ones(3, 2, device="cuda"), ids)
     assert torch.equal(out, torch.zeros_like(out))
 
@@ -324,11 +336,11 @@ def test_fused_moe_with_no_local_tokens_is_zero():
 def test_kernels_reject_what_they_were_not_prepared_for():
     from quantoracle.backends.humming import kernels
 
-    prepared = kernels.prepare_linear(_quantized((), 256, 256, 1, seed=5).to("cuda"))
+    prepared = kernels.prepare_linear(_quantized((), 512, 1024, 1, seed=5).to("cuda"), max_m=MAX_M)
     with pytest.raises(NumericsError, match="prepared"):
-        kernels.linear(torch.zeros(2, 256, dtype=torch.float16, device="cuda"), prepared)
+        kernels.linear(torch.zeros(2, 1024, dtype=torch.float16, device="cuda"), prepared)
     with pytest.raises(NumericsError, match="W4A16"):
-        kernels.linear(torch.zeros(2, 256, dtype=torch.bfloat16, device="cuda"), prepared,
+        kernels.linear(torch.zeros(2, 1024, dtype=torch.bfloat16, device="cuda"), prepared,
                        quantize_activations=True)
 
 
@@ -354,7 +366,7 @@ def _graph_matches_eager(fn, mutate) -> None:
 def test_linear_is_cuda_graph_capturable(m):
     from quantoracle.backends.humming import kernels
 
-    prepared = kernels.prepare_linear(_quantized((), 512, 1024, 1, seed=7).to("cuda"))
+    prepared = kernels.prepare_linear(_quantized((), 512, 1024, 1, seed=7).to("cuda"), max_m=MAX_M)
     x = _activations(m, 1024, torch.bfloat16, seed=m).cuda()
     _graph_matches_eager(lambda: kernels.linear(x, prepared), lambda: x.copy_(torch.roll(x, 1, 0) * 0.5))
 
@@ -364,7 +376,7 @@ def test_linear_is_cuda_graph_capturable(m):
 def test_fused_moe_is_cuda_graph_capturable(m, top_k):
     from quantoracle.backends.humming import kernels
 
-    prepared = kernels.prepare_moe(_moe_weights(16, 512, 256, 0, True).to("cuda"))
+    prepared = kernels.prepare_moe(_moe_weights(16, 512, 256, 0, True).to("cuda"), max_m=MAX_M)
     x = _activations(m, 512, torch.bfloat16, seed=m).cuda()
     topk_weights, topk_ids = (t.cuda() for t in _routing(m, top_k, 16, seed=m))
 
@@ -376,16 +388,17 @@ def test_fused_moe_is_cuda_graph_capturable(m, top_k):
 
 
 @gpu
-def test_engine_prepares_and_applies_humming():
+def test_engine_prepares_and_applies_humming(monkeypatch):
     """Through the backend object the engine uses: the effective problem's dtype and activation
     reach prepare (Humming compiles per dtype)."""
+    monkeypatch.setenv("QUANTORACLE_HUMMING_MAX_M", str(MAX_M))
     backend = _registry().backends["humming"]
-    weights = _moe_weights(8, 256, 128, 0, True).to("cuda")
-    problem = _problem(n=128, k=256, experts=8, top_k=2, dtype="float16", moe_activation="gelu")
+    weights = _moe_weights(16, 512, 256, 0, True).to("cuda")
+    problem = _problem(n=256, k=512, experts=16, top_k=2, dtype="float16", moe_activation="gelu")
     prepared = backend.prepare(weights, problem)
     assert prepared.state.dtype == torch.float16 and prepared.state.activation == "gelu"
-    x = _activations(9, 256, torch.float16, seed=9).cuda()
-    topk_weights, topk_ids = (t.cuda() for t in _routing(9, 2, 8, seed=9))
+    x = _activations(9, 512, torch.float16, seed=9).cuda()
+    topk_weights, topk_ids = (t.cuda() for t in _routing(9, 2, 16, seed=9))
     out = backend.apply(prepared, x, topk_weights, topk_ids)
     ref = reference_moe.fused_moe(x.float(), weights, topk_weights, topk_ids, activation="gelu")
     assert _rel(out, ref) < TOLERANCE

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -86,14 +87,34 @@ class HummingGemm:
         )
 
 
-def _gemm(t: NVFP4Tensor, dtype: torch.dtype, gemm_type: str, what: str) -> HummingGemm:
+ENV_MAX_M = "QUANTORACLE_HUMMING_MAX_M"
+OPEN = 1 << 30  # the upper bound Humming's launcher reads as "no bound"
+
+
+def max_m_from_env() -> int | None:
+    value = os.environ.get(ENV_MAX_M)
+    return int(value) if value else None
+
+
+def tuning_ranges(tuning: list, max_m: int | None) -> list:
+    """Humming's tuning list ``[[lo, hi, config], ...]`` (ranges ``lo < M <= hi`` covering every
+    M) cut to the ranges that start below ``max_m``, the last one opened to every larger M (its
+    kernel then serves them: correct, maybe not the fastest). ``None`` keeps the whole list."""
+    if max_m is None:
+        return [list(entry) for entry in tuning]
+    kept = [list(entry) for entry in tuning if entry[0] < max_m] or [list(tuning[0])]
+    kept[-1][1] = OPEN
+    return kept
+
+
+def _gemm(t: NVFP4Tensor, dtype: torch.dtype, gemm_type: str, what: str, max_m: int | None) -> HummingGemm:
     from humming.tune import get_heuristics_config
 
     converted = transform(t, dtype, what)
     compute = {"use_f16_accum": False, "use_batch_invariant": False, "gemm_type": gemm_type}
     tuning = get_heuristics_config(converted.config, use_f16_accum=False, use_batch_invariant=False,
                                    gemm_type=gemm_type, device=t.packed.device)
-    return HummingGemm(converted, json.dumps(compute), [list(entry) for entry in tuning])
+    return HummingGemm(converted, json.dumps(compute), tuning_ranges(tuning, max_m))
 
 
 def _warm_dense(gemm: HummingGemm, locks: torch.Tensor, dtype: torch.dtype) -> float:
@@ -166,14 +187,17 @@ class PreparedLinear:
 
 
 def prepare_linear(weights: NVFP4Tensor, problem=None, *, dtype: str | torch.dtype | None = None,
-                   variant: str | None = None) -> PreparedLinear:
+                   max_m: int | None = None, variant: str | None = None) -> PreparedLinear:
     """Convert a Linear's NVFP4 weight and compile its kernels for ``dtype`` (default: the
-    problem's, else bf16). ``variant`` is accepted for the engine's contract (Humming has one)."""
+    problem's, else bf16): every range of Humming's tuning list, or those starting below
+    ``max_m`` tokens (default ``$QUANTORACLE_HUMMING_MAX_M``, else all). ``variant`` is accepted
+    for the engine's contract (Humming has none)."""
     dtype = torch_dtype(dtype or (problem.dtype if problem is not None else torch.bfloat16))
     if weights.packed.dim() != 2:
         raise NumericsError(f"humming linear: weight must be [N, K/2], found {tuple(weights.packed.shape)}")
     start = time.perf_counter()
-    gemm = _gemm(weights, dtype, "dense", "linear")
+    max_m = max_m if max_m is not None else max_m_from_env()
+    gemm = _gemm(weights, dtype, "dense", "linear", max_m)
     locks = _locks(weights.packed.device)
     compile_s = _warm_dense(gemm, locks, dtype)
     log.info("humming linear N=%d K=%d %s: %d kernels, compile %.2f s, prepare %.2f s",
@@ -213,17 +237,20 @@ class PreparedMoE:
 
 
 def prepare_moe(weights: MoEWeights, problem=None, *, dtype: str | torch.dtype | None = None,
-                activation: str | None = None, variant: str | None = None) -> PreparedMoE:
+                activation: str | None = None, max_m: int | None = None,
+                variant: str | None = None) -> PreparedMoE:
     """Convert the experts (gate/up with its two global-scale shards, down) and compile both
     GEMMs' kernels and the activation for ``dtype`` / ``activation`` (defaults: the problem's,
-    else bf16 / silu)."""
+    else bf16 / silu); ``max_m`` as for :func:`prepare_linear`, counted in routed pairs
+    (M * top_k)."""
     dtype = torch_dtype(dtype or (problem.dtype if problem is not None else torch.bfloat16))
     activation = activation or (problem.moe_activation if problem is not None else None) or "silu"
     if activation not in ACTIVATION_IMPL:
         raise NumericsError(f"humming fused_moe: activation {activation!r} is not one of {tuple(ACTIVATION_IMPL)}")
     start = time.perf_counter()
-    w13 = _gemm(weights.gate_up, dtype, "indexed", "fused_moe gate/up")
-    w2 = _gemm(weights.down, dtype, "indexed", "fused_moe down")
+    max_m = max_m if max_m is not None else max_m_from_env()
+    w13 = _gemm(weights.gate_up, dtype, "indexed", "fused_moe gate/up", max_m)
+    w2 = _gemm(weights.down, dtype, "indexed", "fused_moe down", max_m)
     locks = _locks(weights.gate_up.packed.device)
     compile_s = _warm_indexed(w13, locks, dtype) + _warm_indexed(w2, locks, dtype)
     state = PreparedMoE(w13, w2, locks, dtype, activation, weights.experts, weights.hidden,
