@@ -1,6 +1,7 @@
-"""A transformers MoE model on NVFP4 weights through quantoracle, end to end, offline.
+"""transformers models on NVFP4 weights through quantoracle, end to end, offline.
 
-For Qwen3-MoE and Mixtral: build a small model from a config with random weights, save it with
+For MoE (Qwen3-MoE, Mixtral, Qwen2-MoE with its shared expert) and dense models (Llama, Mistral,
+Qwen2, Qwen3): build a small model from a config with random weights, save it with
 ``save_pretrained``, quantize it to ModelOpt NVFP4 checkpoints (W4A16, and W4A4 calibrated on
 random tokens) with ``save_nvfp4`` (on the model's device; the same files as
 ``quantize_checkpoint`` of the saved directory), load each back into a model built from the
@@ -24,7 +25,16 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
 
 from quantoracle.integrations.transformers import load_nvfp4, save_nvfp4
 
@@ -33,23 +43,33 @@ SIZES = {
     "small": dict(vocab=4096, hidden=1024, layers=4, heads=16, experts=32, top_k=4, intermediate=256),
 }
 RUNS = (("w4a16_nvfp4", "weight_only"), ("w4a4_nvfp4", "weight_only"), ("w4a4_nvfp4", "emulate"))
+MOE_ARCHS = ("qwen3_moe", "mixtral", "qwen2_moe")
+DENSE_ARCHS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
 
 
-def model_config(arch: str, size: str):
-    """A Qwen3-MoE or Mixtral config of one of :data:`SIZES`."""
+def model_config(arch: str, size: str, **overrides):
+    """A config of ``arch`` (one of :data:`MOE_ARCHS` or :data:`DENSE_ARCHS`) and one of
+    :data:`SIZES`; ``overrides`` are further config fields (e.g. Qwen3-MoE's ``mlp_only_layers``).
+    Dense MLPs (dense models, MoE models' dense layers and shared experts) are 4x an expert."""
     s = SIZES[size]
-    common = dict(
+    fields = dict(
         vocab_size=s["vocab"], hidden_size=s["hidden"], num_hidden_layers=s["layers"],
         num_attention_heads=s["heads"], num_key_value_heads=s["heads"] // 2,
-        num_experts_per_tok=s["top_k"], max_position_embeddings=1024,
+        max_position_embeddings=1024, intermediate_size=4 * s["intermediate"],
     )
+    moe = dict(num_experts_per_tok=s["top_k"], moe_intermediate_size=s["intermediate"])
     if arch == "qwen3_moe":
-        return Qwen3MoeConfig(
-            **common, head_dim=s["hidden"] // s["heads"], num_experts=s["experts"],
-            moe_intermediate_size=s["intermediate"], intermediate_size=4 * s["intermediate"],
-            norm_topk_prob=True,
-        )
-    return MixtralConfig(**common, num_local_experts=s["experts"], intermediate_size=s["intermediate"])
+        fields.update(moe, head_dim=s["hidden"] // s["heads"], num_experts=s["experts"], norm_topk_prob=True)
+        return Qwen3MoeConfig(**{**fields, **overrides})
+    if arch == "qwen2_moe":
+        fields.update(moe, num_experts=s["experts"], shared_expert_intermediate_size=4 * s["intermediate"])
+        return Qwen2MoeConfig(**{**fields, **overrides})
+    if arch == "mixtral":
+        fields.update(num_experts_per_tok=s["top_k"], num_local_experts=s["experts"], intermediate_size=s["intermediate"])
+        return MixtralConfig(**{**fields, **overrides})
+    if arch == "qwen3":
+        fields.update(head_dim=s["hidden"] // s["heads"])
+    return DENSE_ARCHS[arch](**{**fields, **overrides})
 
 
 def build_model(config, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -57,7 +77,7 @@ def build_model(config, seed: int = 0, dtype: torch.dtype = torch.float32, devic
 
     transformers' default init (std 0.02) leaves the residual stream to the embeddings, so the
     experts barely move the logits and a broken MoE would go unnoticed. Here embeddings are
-    N(0, 1); experts, lm_head and attention v/o have unit gain (std 1/sqrt(fan_in), v/o half
+    N(0, 1); experts, dense MLPs, lm_head and attention v/o have unit gain (std 1/sqrt(fan_in), v/o half
     that); q/k stay small (near-uniform attention: smooth, not chaotic); the router's logits
     have std 0.5, so top-k is not saturated and the router weights matter.
     """
@@ -105,7 +125,7 @@ def tokens_per_second(model, prompt: torch.Tensor, new_tokens: int) -> tuple[flo
 
 
 def _megabytes(directory: Path) -> float:
-    return round(sum(f.stat().st_size for f in directory.glob("*.safetensors")) / 1e6, 2)
+    return round(sum(f.stat().st_size for f in Path(directory).glob("*.safetensors")) / 1e6, 2)
 
 
 def run_arch(arch: str, size: str, device: str, dtype: torch.dtype, work: Path, new_tokens: int) -> dict:
@@ -153,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--size", choices=SIZES, help="model size (default: tiny on CPU, small on CUDA)")
-    parser.add_argument("--arch", choices=("qwen3_moe", "mixtral"), action="append", help="default: both")
+    parser.add_argument("--arch", choices=(*MOE_ARCHS, *DENSE_ARCHS), action="append",
+                        help="repeatable (default: qwen3_moe, mixtral, llama, qwen3)")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -162,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if cuda else torch.float32
     results = {"device": torch.cuda.get_device_name(args.device) if cuda else "cpu", "archs": []}
     with tempfile.TemporaryDirectory() as work:
-        for arch in args.arch or ("qwen3_moe", "mixtral"):
+        for arch in args.arch or ("qwen3_moe", "mixtral", "llama", "qwen3"):
             results["archs"].append(run_arch(arch, size, args.device, dtype, Path(work), args.new_tokens))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

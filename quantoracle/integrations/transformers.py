@@ -1,4 +1,5 @@
-"""Run Hugging Face transformers (>= 5) Mixture-of-Experts models on NVFP4 weights.
+"""Run Hugging Face transformers (>= 5) decoder models, dense and Mixture-of-Experts, on NVFP4
+weights.
 
 - :func:`quantize_model` quantizes a model's own 16-bit weights, in place (ModelOpt numerics);
 - :func:`load_nvfp4` builds the layers from a ModelOpt (or compressed-tensors) NVFP4 checkpoint;
@@ -14,8 +15,17 @@ top-k and renormalization as before and passes ``(top_k_index, top_k_weights)`` 
 so routing is the model's own by construction. Embeddings, norms, routers and ``lm_head`` are
 never replaced.
 
+Dense models (Llama, Mistral, Qwen2, Qwen3, ...) have only Linear projections to replace; MoE
+models may add dense layers (Qwen3-MoE's ``mlp_only_layers``) and shared experts (Qwen2-MoE's
+``shared_expert``), which are Linears too. A module holding weights quantoracle cannot run (stacked
+experts in another layout, transformers' ``Conv1D``) raises UnsupportedModelError naming it, unless
+excluded; so does a checkpoint layer no module of the model takes.
+
 Layers resolve their backend on the device and in the dtype of the parameters they replace:
 move the model to its device and dtype first; moving it afterwards is not supported.
+
+``progress=True`` (the default) shows a progress bar on stderr while modules are replaced or
+calibration batches run; it stays off when stderr is not a terminal.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from quantoracle.errors import (
     CalibrationError,
@@ -50,6 +61,7 @@ from quantoracle.schemes.scheme import Scheme
 try:
     from transformers.activations import GELUActivation, SiLUActivation
     from transformers.core_model_loading import revert_weight_conversion
+    from transformers.pytorch_utils import Conv1D
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         "quantoracle.integrations.transformers needs transformers >= 5: "
@@ -149,8 +161,9 @@ class NVFP4Experts(nn.Module):
     ``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`` in
     ``hidden_states.dtype``: the signature of the module it replaces, called by the MoE block
     with its router's output, and run by :meth:`NVFP4FusedMoE.forward_routed` (router weights
-    applied in float32). Ids outside ``[0, E)`` (transformers' expert-parallel sentinel)
-    contribute nothing.
+    applied in float32). Ids must lie in ``[0, E)``: this integration runs on one device, without
+    transformers' expert parallelism and its out-of-range sentinel ids (InputError, see
+    :mod:`quantoracle.layer_inputs`).
     """
 
     def __init__(self, moe: NVFP4FusedMoE) -> None:
@@ -186,9 +199,23 @@ class _Target:
             raise UnsupportedModelError(self.unsupported)
 
 
+def _checked_model(model: Any, what: str) -> None:
+    """UnsupportedModelError unless ``model`` is a transformers model (a module with a config)."""
+    config = getattr(model, "config", None)
+    if not isinstance(model, nn.Module) or not hasattr(config, "get_text_config"):
+        raise UnsupportedModelError(
+            f"{what} patches a transformers model (a PreTrainedModel, which has .config); got "
+            f"{type(model).__name__} without one: build it with AutoModelForCausalLM.from_config(config) "
+            "or from_pretrained, or build quantoracle.layers.NVFP4Linear / NVFP4FusedMoE directly"
+        )
+
+
 def _targets(model: nn.Module) -> list[_Target]:
-    """Every ``nn.Linear`` and experts module (3-D ``gate_up_proj`` and ``down_proj``), in model
-    order. UnsupportedModelError for parameters on the meta device."""
+    """Every module holding weights quantoracle could quantize, in model order: ``nn.Linear``,
+    fused experts (3-D ``gate_up_proj`` and ``down_proj``), and, marked unsupported, other
+    modules with stacked (3-D or more) parameters and transformers' ``Conv1D``. Embeddings,
+    norms, convolutions and routers that are not ``nn.Linear`` are none of these.
+    UnsupportedModelError for parameters on the meta device."""
     meta = [name for name, p in model.named_parameters() if p.is_meta]
     if meta:
         raise UnsupportedModelError(
@@ -201,7 +228,23 @@ def _targets(model: nn.Module) -> list[_Target]:
             found.append(_Target(name, "linear"))
         elif _is_fused_experts(module):
             found.append(_Target(name, "moe", _experts_layout_problem(name, module)))
+        elif isinstance(module, Conv1D):
+            found.append(_Target(name, "linear", (
+                f"{name} (transformers Conv1D, the GPT-2 family's transposed Linear): quantoracle "
+                "replaces nn.Linear modules; leave it 16-bit (exclude_modules)"
+            )))
+        elif not isinstance(module, nn.modules.conv._ConvNd) and _stacked(module):
+            found.append(_Target(name, "moe", (
+                f"{name} ({type(module).__name__}) holds stacked weights {_stacked(module)} in a "
+                "layout quantoracle does not know (it runs fused experts with gate_up_proj "
+                "[E, 2I, H] and down_proj [E, H, I]); leave it 16-bit (exclude_modules)"
+            )))
     return found
+
+
+def _stacked(module: nn.Module) -> dict[str, list[int]]:
+    """The module's own parameters of 3 or more dimensions, name -> shape."""
+    return {n: list(p.shape) for n, p in module.named_parameters(recurse=False) if p.dim() >= 3}
 
 
 def _is_fused_experts(module: nn.Module) -> bool:
@@ -235,15 +278,21 @@ def _moe_activation(name: str, module: nn.Module) -> str:
     )
 
 
-def _top_k(model: nn.Module) -> int:
+def _top_k(model: nn.Module, name: str) -> int:
+    """The router's top-k for experts module ``name``, from the config's ``num_experts_per_tok``."""
     config = model.config.get_text_config()
     top_k = getattr(config, "num_experts_per_tok", None)
     if not isinstance(top_k, int):
         raise UnsupportedModelError(
-            f"{type(config).__name__} has no integer num_experts_per_tok; quantoracle reads the "
-            "router's top-k from it"
+            f"{name}: {type(config).__name__} has no integer num_experts_per_tok; quantoracle reads "
+            "the router's top-k of fused experts from it (leave the experts 16-bit: exclude_modules)"
         )
     return top_k
+
+
+def _progress(items: Iterable[Any], enabled: bool, desc: str, unit: str) -> Iterable[Any]:
+    """``items`` with a progress bar on stderr when ``enabled`` and stderr is a terminal."""
+    return tqdm(items, desc=desc, unit=unit, disable=None if enabled else True, leave=False)
 
 
 def _layer_options(name: str, scheme: Scheme, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -394,13 +443,17 @@ def _batches(input_ids: torch.Tensor | Iterable[torch.Tensor]) -> Iterable[torch
     return input_ids
 
 
-def calibrate(model: nn.Module, input_ids: torch.Tensor | Iterable[torch.Tensor]) -> Calibration:
+def calibrate(
+    model: nn.Module, input_ids: torch.Tensor | Iterable[torch.Tensor], *, progress: bool = True
+) -> Calibration:
     """Run the 16-bit ``model`` on ``input_ids`` (a LongTensor ``[B, T]`` or ``[T]``, or an
     iterable of such batches) and record the max |x| into every ``nn.Linear`` and, per expert
     and projection, into every fused experts module quantoracle can run (others are skipped).
     Forward pre-hooks; nothing is modified. A module no token reached (e.g. a vision tower's
-    under text input) has no entry.
+    under text input) has no entry. ``progress``: a bar over the batches (see the module
+    docstring). UnsupportedModelError for a module that is not a transformers model.
     """
+    _checked_model(model, "calibrate")
     targets = [target for target in _targets(model) if not target.unsupported]
     recorders: dict[str, _LinearAmax | _ExpertsAmax] = {}
     handles = []
@@ -412,7 +465,7 @@ def calibrate(model: nn.Module, input_ids: torch.Tensor | Iterable[torch.Tensor]
     device = model.get_input_embeddings().weight.device
     try:
         with torch.no_grad():
-            for batch in _batches(input_ids):
+            for batch in _progress(_batches(input_ids), progress, "calibrate", "batch"):
                 model(input_ids=batch.to(device))
     finally:
         for handle in handles:
@@ -455,6 +508,7 @@ def quantize_model(
     *,
     calibration_input_ids: torch.Tensor | Iterable[torch.Tensor] | None = None,
     exclude_modules: tuple[str, ...] = DEFAULT_EXCLUDE,
+    progress: bool = True,
     **resolve_options: Any,
 ) -> Summary:
     """Quantize ``model`` in place from its own 16-bit weights (ModelOpt numerics; each Linear
@@ -464,16 +518,17 @@ def quantize_model(
     ``scheme``: ``"w4a16_nvfp4"`` or ``"w4a4_nvfp4"`` (or the :class:`Scheme`). W4A4 needs
     ``calibration_input_ids`` (see :func:`calibrate`), run on the 16-bit model first.
     ``exclude_modules``: module-name globs left 16-bit (default: ``lm_head``, embeddings,
-    routers). ``resolve_options`` (``force`` — a backend, or a mapping from module-name glob to
+    routers). ``progress``: a bar over the modules (and calibration batches), see the module
+    docstring. ``resolve_options`` (``force`` — a backend, or a mapping from module-name glob to
     backend —, ``exclude``, ``activation_fallback``, ``registry``) go to each layer's resolve.
     Raises SchemeError for another scheme or W4A4 without calibration input, CalibrationError
     for a module the calibration input never reached, UnsupportedModelError (see the class).
     """
+    _checked_model(model, "quantize_model")
     scheme = _checked_scheme(scheme, calibration_input_ids, "quantize_model")
-    amax = {} if scheme.weight_only else calibrate(model, calibration_input_ids).modules
-    top_k = _top_k(model)
+    amax = {} if scheme.weight_only else calibrate(model, calibration_input_ids, progress=progress).modules
     replaced, untouched = [], []
-    for target in _targets(model):
+    for target in _progress(_targets(model), progress, "quantize_model", "module"):
         if any(matches(target.name, pattern) for pattern in exclude_modules):
             untouched.append(target.name)
             continue
@@ -493,7 +548,7 @@ def quantize_model(
             )
         else:
             moe = NVFP4FusedMoE.from_float(
-                module.gate_up_proj.detach(), module.down_proj.detach(), top_k=top_k,
+                module.gate_up_proj.detach(), module.down_proj.detach(), top_k=_top_k(model, target.name),
                 input_amax=amax.get(target.name), dtype=module.gate_up_proj.dtype,
                 activation=_moe_activation(target.name, module), **options,
             )
@@ -523,13 +578,15 @@ def save_nvfp4(
     ``write_options`` (``max_shard_bytes``, ``progress``) go to ``write_checkpoint``. Raises
     UnsupportedModelError for a model already patched, and like ``write_checkpoint``.
     """
+    _checked_model(model, "save_nvfp4")
     scheme = _checked_scheme(scheme, calibration_input_ids, "save_nvfp4")
     patched = [n for n, m in model.named_modules() if isinstance(m, (NVFP4Linear, NVFP4Experts))]
     if patched:
         raise UnsupportedModelError(
             f"{patched[0]} is already an NVFP4 module; save_nvfp4 quantizes a 16-bit model"
         )
-    input_amax = None if scheme.weight_only else calibrate(model, calibration_input_ids).checkpoint
+    progress = write_options.get("progress", False)
+    input_amax = None if scheme.weight_only else calibrate(model, calibration_input_ids, progress=progress).checkpoint
     state, seen = {}, set()
     for key, tensor in model.state_dict().items():
         storage = (tensor.device, tensor.data_ptr(), tensor.shape)
@@ -548,6 +605,7 @@ def load_nvfp4(
     checkpoint_dir: str | Path,
     *,
     override_activation: ActivationOverride | None = None,
+    progress: bool = True,
     **resolve_options: Any,
 ) -> Summary:
     """Patch ``model`` in place to run the NVFP4 checkpoint in ``checkpoint_dir``.
@@ -560,17 +618,21 @@ def load_nvfp4(
     Checkpoint names are matched as ``save_pretrained`` writes them (e.g. Mixtral's
     ``block_sparse_moe.experts.{e}.w1``) or as the model names them.
 
-    ``override_activation="none"`` serves a W4A4 checkpoint weight-only. ``resolve_options`` as
-    for :func:`quantize_model`. Raises CheckpointFormatError when the checkpoint lacks a tensor
-    the model needs or shapes disagree, and what the checkpoint reader raises.
+    ``override_activation="none"`` serves a W4A4 checkpoint weight-only. ``progress``: a bar over
+    the modules, see the module docstring. ``resolve_options`` as for :func:`quantize_model`.
+    Raises CheckpointFormatError when the checkpoint lacks a tensor the model needs or shapes
+    disagree, UnsupportedModelError for a model that is not a transformers model and for a
+    layer the checkpoint quantizes that no module of the model can take (naming both), and what
+    the checkpoint reader raises.
     """
+    _checked_model(model, "load_nvfp4")
     targets = _targets(model)
     names = _SavedNames(model, targets)
-    top_k = _top_k(model)
     replaced, untouched, owned = [], [], set()
     with Checkpoint.open(checkpoint_dir, override_activation) as checkpoint:
         entries = {entry.name: entry for entry in checkpoint.layers()}
-        for target in targets:
+        taken = set()
+        for target in _progress(targets, progress, "load_nvfp4", "module"):
             linear = target.kind == "linear"
             saved = names.linear(target.name) if linear else names.moe_prefix(target.name)
             found = [n for n in (saved, target.name) if n in entries and entries[n].kind == target.kind]
@@ -579,15 +641,17 @@ def load_nvfp4(
                 untouched.append(target.name)
                 continue
             target.check()
+            taken.add(entry.name)
             options = _layer_options(target.name, entry.scheme, resolve_options)
             module = model.get_submodule(target.name)
             if target.kind == "linear":
                 layer = _linear_from(checkpoint, entry, module, options)
             else:
-                layer = _experts_from(checkpoint, entry, target.name, module, top_k, options)
+                layer = _experts_from(checkpoint, entry, target.name, module, _top_k(model, target.name), options)
             model.set_submodule(target.name, layer)
             owned.update(key for key in names.shapes if key.startswith(target.name + "."))
             replaced.append(ReplacedLayer.of(target.name, target.kind, layer.resolution))
+        _check_all_taken(model, names, checkpoint, [entries[n] for n in entries if n not in taken])
         _copy_unquantized(model, names, checkpoint, owned)
     return Summary(tuple(replaced), tuple(untouched))
 
@@ -630,6 +694,28 @@ def _experts_from(
         activation=_moe_activation(name, module), **options,
     )
     return NVFP4Experts(moe)
+
+
+def _check_all_taken(model: nn.Module, names: _SavedNames, checkpoint: Checkpoint, left: list[LayerEntry]) -> None:
+    """UnsupportedModelError for the first checkpoint layer no module of ``model`` took, naming
+    the model's module that saves under that name, if any, and its type."""
+    if not left:
+        return
+    entry = left[0]
+    holder = next(
+        (key.rsplit(".", 1)[0] for key, pieces in names.saved.items()
+         for saved, _ in pieces if saved.startswith(entry.name + ".")),
+        None,
+    )
+    found = (
+        f"the model's {holder} is a {type(model.get_submodule(holder)).__name__}, which quantoracle "
+        "cannot replace (it replaces nn.Linear and transformers-5 fused experts)"
+        if holder else f"{type(model).__name__} has no module saved under that name"
+    )
+    raise UnsupportedModelError(
+        f"{checkpoint.directory}: the checkpoint quantizes {entry.kind} {entry.name} "
+        f"({len(left)} such layers); {found}. Build the model from the checkpoint's config.json"
+    )
 
 
 def _copy_unquantized(
