@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from quantoracle.backends.humming import CONSTRAINTS
 from quantoracle.backends.humming.convert import Converted, torch_dtype, transform
 from quantoracle.backends.humming.routing import indexed_routing, weighted_topk_sum
 from quantoracle.errors import NumericsError
@@ -317,4 +316,4 @@ def fused_moe(x: torch.Tensor, prepared: PreparedMoE, topk_weights: torch.Tensor
 
 
 __all__ = ["prepare_linear", "linear", "prepare_moe", "fused_moe", "PreparedLinear", "PreparedMoE",
-           "ACTIVATION_IMPL", "CONSTRAINTS"]
+           "ACTIVATION_IMPL", "tuning_ranges"]
