@@ -19,8 +19,10 @@ from quantoracle.oracle import (
     ForcedBackendError,
     NoBackendError,
     ParallelConfig,
+    Plan,
     Problem,
     Resolution,
+    plan,
     resolve,
 )
 from quantoracle.schemes import *  # noqa: F403  (the keys and schemes)
@@ -43,6 +45,6 @@ def __getattr__(name: str):
 __all__ = [
     *_schemes_all,
     "CheckpointFormatError", "Device", "ForcedBackendError", "NoBackendError", "NumericsError",
-    "NVFP4FusedMoE", "NVFP4Linear", "ParallelConfig", "PluginError", "Problem", "ProblemError",
-    "QuantoracleError", "Resolution", "SchemeError", "load_checkpoint", "resolve",
+    "NVFP4FusedMoE", "NVFP4Linear", "ParallelConfig", "Plan", "PluginError", "Problem", "ProblemError",
+    "QuantoracleError", "Resolution", "SchemeError", "load_checkpoint", "plan", "resolve",
 ]

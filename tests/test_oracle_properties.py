@@ -13,7 +13,7 @@ from quantoracle.oracle import (
     Resolution,
     resolve,
 )
-from quantoracle.oracle.engine import FALLBACKS, _resolve
+from quantoracle.oracle.engine import FALLBACKS, _resolve, candidates
 from quantoracle.oracle.rules import Context, evaluate
 from quantoracle.schemes import SCHEMES
 
@@ -21,6 +21,16 @@ from oracle_helpers import registry_with_extras
 
 REGISTRY = registry_with_extras()
 NAMES = sorted(REGISTRY.backends)
+LABELS = sorted({label for kind in ("linear", "moe") for label in candidates(REGISTRY, kind)})
+
+
+def labels_of(kind, force=None, exclude=frozenset()):
+    """The candidate labels resolve judges for a layer kind under force/exclude."""
+    named = lambda label, names: any(label == n or label.split("/")[0] == n for n in names)  # noqa: E731
+    found = candidates(REGISTRY, kind)
+    if force:
+        return {label for label in found if named(label, {force})} or {force}
+    return {label for label in found if not named(label, exclude)}
 DEVICES = ["cpu", "rocm", "sm75", "sm80", "sm86", "sm89", "sm90", "sm100", "sm120"]
 
 
@@ -61,11 +71,12 @@ def problems(draw):
 
 options = st.fixed_dictionaries(
     {
-        "force": st.none() | st.sampled_from(NAMES),
-        "exclude": st.frozensets(st.sampled_from(NAMES), max_size=2),
+        "force": st.none() | st.sampled_from(NAMES + LABELS),
+        "exclude": st.frozensets(st.sampled_from(NAMES + LABELS), max_size=2),
         "activation_fallback": st.sampled_from(FALLBACKS),
+        "tokens": st.none() | st.integers(1, 10_000),
     }
-)
+).filter(lambda o: o["force"] is None or not ({o["force"], o["force"].split("/")[0]} & o["exclude"]))
 
 
 def outcome(problem, opts):
@@ -95,12 +106,12 @@ def test_the_chosen_backend_passes_all_its_rules(problem, opts):
     res = outcome(problem, opts)
     if isinstance(res, NoBackendError):
         return
-    ctx = Context(allow_emulation=res.fallback == "emulate")
-    assert evaluate(res.backend.spec, res.effective_problem, ctx) == ()
-    assert res.survivors[0] == res.name
+    chosen = candidates(REGISTRY, problem.kind)[res.label]
+    ctx = Context(allow_emulation=res.fallback == "emulate", tokens=opts["tokens"], variant=res.variant)
+    assert evaluate(chosen.spec, res.effective_problem, ctx) == ()
+    assert res.survivors[0] == res.label and res.layout == chosen.spec.layout_name
     assert set(res.survivors).isdisjoint(res.rejections)
-    candidates = {opts["force"]} if opts["force"] else set(NAMES) - opts["exclude"]
-    assert set(res.survivors) | set(res.rejections) == candidates
+    assert set(res.survivors) | set(res.rejections) == labels_of(problem.kind, opts["force"], opts["exclude"])
 
 
 @given(problems(), options)
@@ -108,11 +119,12 @@ def test_a_forced_backend_is_chosen_or_an_error_says_why(problem, opts):
     res = outcome(problem, opts)
     if opts["force"] is None:
         return
+    forced = labels_of(problem.kind, opts["force"])
     if isinstance(res, NoBackendError):
         assert isinstance(res, ForcedBackendError)
-        assert opts["force"] in res.rejections and res.rejections[opts["force"]]
+        assert set(res.rejections) == forced and all(res.rejections.values())
     else:
-        assert res.name == opts["force"] and res.forced
+        assert res.label in forced and res.forced_by == "force"
 
 
 @given(problems(), options)
@@ -121,8 +133,14 @@ def test_excluding_the_winner_yields_the_next_survivor(problem, opts):
     res = outcome(problem, opts)
     if isinstance(res, NoBackendError) or len(res.survivors) < 2:
         return
-    again = resolve(problem, registry=REGISTRY, **{**opts, "exclude": opts["exclude"] | {res.name}})
-    assert again.name == res.survivors[1] and again.fallback == res.fallback
+    again = outcome(problem, {**opts, "exclude": opts["exclude"] | {res.label}})
+    if isinstance(again, NoBackendError):
+        # under the one-layout policy, excluding the winner may leave some token count of its
+        # plan without a candidate of one layout; the unconstrained choice still exists
+        again = resolve(problem, registry=REGISTRY, layouts="fastest", **{**opts, "exclude": opts["exclude"] | {res.label}})
+    assert again.fallback == res.fallback or again.fallback is None or res.fallback is None
+    if again.fallback == res.fallback and opts["tokens"] is None:
+        assert again.label == res.survivors[1]
 
 
 @given(problems(), options)

@@ -7,6 +7,9 @@ from quantoracle.oracle.engine import (
     UnknownBackendError,
     resolve,
 )
+from quantoracle.oracle.fingerprint import Fingerprint
+from quantoracle.oracle.plan import Bucket, Plan, plan
+from quantoracle.oracle.quarantine import QuarantineEntry
 from quantoracle.oracle.hookspecs import hookimpl
 from quantoracle.oracle.registry import Registry, default_registry
 from quantoracle.oracle.rules import RuleFailure
@@ -18,10 +21,11 @@ from quantoracle.oracle.spec import (
     ParallelConfig,
     Problem,
     SchemeSupport,
+    Variant,
 )
 
 __all__ = [
-    "ANY", "Backend", "BackendSpec", "Device", "ForcedBackendError", "NoBackendError",
-    "ParallelConfig", "Problem", "Registry", "Resolution", "RuleFailure", "SchemeSupport",
-    "UnknownBackendError", "default_registry", "hookimpl", "resolve",
+    "ANY", "Backend", "BackendSpec", "Bucket", "Device", "Fingerprint", "ForcedBackendError", "NoBackendError",
+    "ParallelConfig", "Plan", "Problem", "QuarantineEntry", "Registry", "Resolution", "RuleFailure",
+    "SchemeSupport", "UnknownBackendError", "Variant", "default_registry", "hookimpl", "plan", "resolve",
 ]

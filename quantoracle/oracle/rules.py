@@ -11,7 +11,8 @@ from functools import cache
 
 from pydantic import BaseModel, ConfigDict
 
-from quantoracle.oracle.spec import ANY, BackendSpec, Problem, SchemeSupport
+from quantoracle.oracle.quarantine import QuarantineEntry
+from quantoracle.oracle.spec import ANY, BackendSpec, Problem, SchemeSupport, describe_capabilities
 from quantoracle.schemes.keys import KEY_NAMES, QuantKey
 
 
@@ -32,9 +33,23 @@ class RuleFailure(BaseModel):
 
 @dataclass(frozen=True)
 class Context:
-    """What a rule needs besides spec and problem: whether emulated W4A4 may be chosen."""
+    """What a rule needs besides spec and problem.
+
+    - ``allow_emulation``: emulated W4A4 may be chosen (``activation_fallback="emulate"``).
+    - ``tokens``: the token count M asked about; ``None`` asks for a candidate that serves every M.
+    - ``variant``: the candidate's variant name (``None``: the backend itself).
+    - ``layouts``: the weight layouts the layout policy allows (``None``: any).
+    - ``quarantine``: the entries in force; ``gpu_name`` and ``version`` (the backend's
+      distribution version) are what their predicates read.
+    """
 
     allow_emulation: bool = False
+    tokens: int | None = None
+    variant: str | None = None
+    layouts: frozenset[str] | None = None
+    quarantine: tuple[QuarantineEntry, ...] = ()
+    gpu_name: str | None = None
+    version: str | None = None
 
 
 Rule = Callable[[BackendSpec, Problem, Context], "RuleFailure | None"]
@@ -108,15 +123,10 @@ def platform(spec: BackendSpec, p: Problem, ctx: Context) -> RuleFailure | None:
 
 def capability(spec: BackendSpec, p: Problem, ctx: Context) -> RuleFailure | None:
     cap = p.device.capability
-    if cap is None:
+    if cap is None or not spec.capabilities or any(r.contains(cap) for r in spec.capabilities):
         return None
-    low, high = spec.min_capability, spec.max_capability
-    if (low and cap < low) or (high and cap > high):
-        fmt = lambda c: f"sm{c[0]}{c[1]}" if c else "any"  # noqa: E731
-        accepted = f"{fmt(low)}..{fmt(high)}"
-        return _fail("capability", p.device, accepted,
-                     f"compute capability {p.device}: this backend needs {accepted}")
-    return None
+    accepted = describe_capabilities(spec.capabilities)
+    return _fail("capability", p.device, accepted, f"compute capability {p.device}: this backend needs {accepted}")
 
 
 def dtype(spec: BackendSpec, p: Problem, ctx: Context) -> RuleFailure | None:
@@ -188,14 +198,50 @@ def _importable(module: str) -> bool:
 def requires(spec: BackendSpec, p: Problem, ctx: Context) -> RuleFailure | None:
     missing = [m for m in spec.requires if not _importable(m)]
     if missing:
+        how = spec.install or f"pip install {' '.join(missing)}"
         return _fail("requires", f"missing {', '.join(missing)}", ", ".join(spec.requires),
-                     f"needs the Python package(s) {', '.join(missing)}: pip install {' '.join(missing)}")
+                     f"needs the Python module(s) {', '.join(missing)}: {how}")
+    return None
+
+
+def tokens(spec: BackendSpec, p: Problem, ctx: Context) -> RuleFailure | None:
+    """The token count M against the declared range; with no M asked, the candidate must serve
+    every M (``resolve(problem)`` answers for any batch size; ``plan`` splits by M)."""
+    low, high = spec.min_tokens, spec.max_tokens
+    if ctx.tokens is None:
+        if low == 1 and high is None:
+            return None
+        return _fail("tokens", "any token count", spec.token_range,
+                     f"serves {spec.token_range} tokens only: resolve with tokens=M, or use plan()")
+    if ctx.tokens < low or (high is not None and ctx.tokens > high):
+        return _fail("tokens", ctx.tokens, spec.token_range,
+                     f"{ctx.tokens} tokens: this path serves {spec.token_range} tokens")
+    return None
+
+
+def layout(spec: BackendSpec, p: Problem, ctx: Context) -> RuleFailure | None:
+    if ctx.layouts is not None and spec.layout_name not in ctx.layouts:
+        allowed = _join(ctx.layouts)
+        return _fail("layout", spec.layout_name, allowed,
+                     f"weight layout {spec.layout_name}: this layer holds one copy of its weights, in "
+                     f"layout {allowed} (layouts='fastest' allows one copy per layout)")
+    return None
+
+
+def quarantined(spec: BackendSpec, p: Problem, ctx: Context) -> RuleFailure | None:
+    hits = [e for e in ctx.quarantine if e.matches(spec.name, ctx.variant, p, ctx.tokens, ctx.gpu_name, ctx.version)]
+    if hits:
+        e = hits[0]
+        link = f" ({e.link})" if e.link else ""
+        return _fail("quarantined", e.describe(), "no quarantine entry",
+                     f"quarantined by {e.source}: {e.reason}{link}; pass allow_quarantined=True "
+                     "(--allow-quarantined) to use it anyway")
     return None
 
 
 RULES: tuple[Rule, ...] = (
     layer_kind, weight_scheme, activation_scheme, platform, capability, dtype, moe_activation,
-    block_alignment, shape, top_k, tensor_parallel, expert_parallel, requires,
+    block_alignment, shape, top_k, tensor_parallel, expert_parallel, requires, tokens, layout, quarantined,
 )
 
 

@@ -11,7 +11,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from quantoracle.errors import ProblemError
+from quantoracle.errors import DeviceError, ProblemError
 from quantoracle.schemes.keys import QuantKey
 from quantoracle.schemes.scheme import Scheme
 
@@ -45,18 +45,18 @@ class Device(_Frozen):
 
     @classmethod
     def parse(cls, text: str) -> "Device":
-        """``"cpu"``, ``"rocm"``, ``"sm90"`` / ``"sm_90"`` / ``"sm90a"``, ``"sm100"``, ``"sm120"``."""
+        """``"cpu"``, ``"rocm"``, ``"sm90"`` / ``"sm_90"`` / ``"sm90a"``, ``"sm100"``, ``"sm120"``.
+        Raises :class:`~quantoracle.errors.DeviceError` for anything else (``"sm00"``, ``None``)."""
+        hint = "write 'cpu', 'rocm' or a CUDA compute capability like 'sm80', 'sm90', 'sm100'"
+        if not isinstance(text, str):
+            raise DeviceError(f"device {text!r} is not a string: {hint}")
         t = text.strip().lower()
         if t in ("cpu", "rocm"):
             return cls(platform=t)
-        match = re.fullmatch(r"sm_?(\d{2,3})a?", t)
+        match = re.fullmatch(r"sm_?([1-9]\d?)(\d)a?", t)
         if not match:
-            raise ValueError(
-                f"device {text!r}: write 'cpu', 'rocm' or a CUDA compute capability like 'sm80', "
-                "'sm90', 'sm100'"
-            )
-        digits = match.group(1)
-        return cls(platform="cuda", capability=(int(digits[:-1]), int(digits[-1])))
+            raise DeviceError(f"device {text!r}: {hint}")
+        return cls(platform="cuda", capability=(int(match.group(1)), int(match.group(2))))
 
     @classmethod
     def of(cls, device: Any) -> "Device":
@@ -223,24 +223,122 @@ class Problem(_Frozen):
         return f"{self.kind} {self.scheme} on {self.device} {self.dtype} {shape} {self.parallel.describe(self.kind)}"
 
 
+DEFAULT_TOLERANCE = 1e-2
+
+
 class SchemeSupport(_Frozen):
     """One scheme a backend serves. ``activation`` may be a key, ``None`` (weight-only) or
     ``"any"``. ``emulated`` marks W4A4 served by exact emulation (activations quantized and
-    dequantized in 16-bit arithmetic); it is chosen only under ``activation_fallback="emulate"``."""
+    dequantized in 16-bit arithmetic); it is chosen only under ``activation_fallback="emulate"``.
+    ``tolerance``: the relative error ``||y - y_ref|| / ||y_ref||`` (Frobenius) the backend
+    promises against the ``reference`` backend on the same weights and inputs, at bf16; ``None``
+    means :data:`DEFAULT_TOLERANCE`. The numerics check on first use holds it to that."""
 
     weight: QuantKey
     activation: QuantKey | None | Literal["any"] = None
     emulated: bool = False
+    tolerance: float | None = None
 
     def matches(self, scheme: Scheme) -> bool:
         return self.weight == scheme.weight and self.activation in (ANY, scheme.activation)
+
+
+_CAPABILITY = re.compile(r"sm_?([1-9]\d?)(\d)a?")
+
+
+def _capability(text: str) -> tuple[int, int]:
+    match = _CAPABILITY.fullmatch(text.strip().lower())
+    if not match:
+        raise ValueError(f"capability {text!r}: write it like 'sm80' or 'sm100'")
+    return int(match.group(1)), int(match.group(2))
+
+
+def format_capability(cap: tuple[int, int]) -> str:
+    return f"sm{cap[0]}{cap[1]}"
+
+
+class CapabilityRange(_Frozen):
+    """Compute capabilities ``low..high`` inclusive (``high=None``: no upper bound). Written
+    ``"sm90"`` (exactly one), ``"sm80+"`` (sm80 or newer) or ``"sm100-sm103"`` (a family)."""
+
+    low: tuple[int, int]
+    high: tuple[int, int] | None
+
+    @classmethod
+    def parse(cls, text: str) -> "CapabilityRange":
+        t = text.strip().lower()
+        if t.endswith("+"):
+            return cls(low=_capability(t[:-1]), high=None)
+        low, _, high = t.partition("-")
+        return cls(low=_capability(low), high=_capability(high or low))
+
+    def contains(self, cap: tuple[int, int]) -> bool:
+        return self.low <= cap and (self.high is None or cap <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{format_capability(self.low)} or newer"
+        if self.high == self.low:
+            return format_capability(self.low)
+        return f"{format_capability(self.low)} to {format_capability(self.high)}"
+
+
+def describe_capabilities(ranges: tuple[CapabilityRange, ...]) -> str:
+    """``"sm80 or newer"``, ``"sm100 to sm101, sm120"``; ``"any"`` for no rule."""
+    return ", ".join(map(str, ranges)) or "any"
+
+
+def _token_range(low: int, high: int | None) -> str:
+    return f"{low} or more" if high is None else f"{low}..{high}"
+
+
+class Variant(_Frozen):
+    """A named internal path of a backend (e.g. a fused kernel and a dequantize-then-GEMM path).
+
+    Each variant is its own candidate for the engine, labelled ``backend/variant`` and judged by
+    the ordinary rules against the backend's spec with the fields set here replacing the
+    backend's (a field left ``None`` inherits it). ``layout`` names the weight layout the variant's
+    ``prepare`` makes: variants (and backends) with one layout share one prepared copy."""
+
+    name: str
+    description: str = ""
+    layer_kinds: frozenset[LayerKind] | None = None
+    schemes: tuple[SchemeSupport, ...] | None = None
+    dtypes: frozenset[ActivationDtype] | None = None
+    min_tokens: int | None = None
+    max_tokens: int | None = None
+    layout: str | None = None
+    priority: int | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, v: str) -> str:
+        return _snake_case("variant name", v)
+
+
+def _snake_case(what: str, v: str) -> str:
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", v):
+        raise ValueError(f"{what} {v!r}: use lower_snake_case, it is typed on command lines")
+    return v
 
 
 class BackendSpec(_Frozen):
     """A backend's declaration: which problems it serves, as data the engine evaluates.
 
     Every field is one rule (or a few); ``priority`` ranks the backends that pass them all
-    (higher first, then by name).
+    (higher first, then by name) where no measurement ranks them (see :mod:`.tuning`).
+
+    - ``capabilities``: the CUDA compute capabilities served, a set of ranges written
+      ``"sm80+"``, ``"sm90"``, ``"sm100-sm103"``; empty means any. ``min_capability`` /
+      ``max_capability`` (tuples) are accepted as a shorthand for one range.
+    - ``n_multiple_of`` / ``k_multiple_of``: per-shard multiples of the output and reduction
+      dimensions. For MoE, ``k`` is the hidden size (gate/up's K) and the intermediate size is
+      both gate/up's N and down's K, so it must be a multiple of both.
+    - ``min_tokens`` / ``max_tokens``: the token counts M (rows of ``x``) served, hard limits
+      only (``None``: no upper limit).
+    - ``layout``: the name of the weight layout ``prepare`` makes (``None``: the backend's name).
+    - ``variants``: named internal paths, each its own candidate (:class:`Variant`).
+    - ``install``: what to run when a ``requires`` module is missing.
     """
 
     name: str
@@ -248,8 +346,7 @@ class BackendSpec(_Frozen):
     layer_kinds: frozenset[LayerKind]
     schemes: tuple[SchemeSupport, ...]
     platforms: frozenset[Platform]
-    min_capability: tuple[int, int] | None = None
-    max_capability: tuple[int, int] | None = None
+    capabilities: tuple[CapabilityRange, ...] = ()
     dtypes: frozenset[ActivationDtype] = frozenset(ACTIVATION_DTYPES)
     moe_activations: frozenset[str] = frozenset({"silu"})
     n_multiple_of: int = 1
@@ -257,15 +354,68 @@ class BackendSpec(_Frozen):
     max_top_k: int | None = None
     tensor_parallel: bool = True
     expert_parallel: bool = True
+    min_tokens: int = 1
+    max_tokens: int | None = None
+    layout: str | None = None
+    variants: tuple[Variant, ...] = ()
     requires: tuple[str, ...] = ()
+    install: str | None = None
     priority: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _capability_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ("min_capability" in data or "max_capability" in data):
+            data = dict(data)
+            low, high = data.pop("min_capability", None), data.pop("max_capability", None)
+            if low is not None or high is not None:
+                if data.get("capabilities"):
+                    raise ValueError("capabilities: give either capabilities or min/max_capability")
+                data["capabilities"] = (CapabilityRange(low=tuple(low or (1, 0)),
+                                                        high=None if high is None else tuple(high)),)
+        return data
+
+    @field_validator("capabilities", mode="before")
+    @classmethod
+    def _parse_capabilities(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = (v,)
+        return tuple(CapabilityRange.parse(x) if isinstance(x, str) else x for x in v)
 
     @field_validator("name")
     @classmethod
     def _identifier(cls, v: str) -> str:
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", v):
-            raise ValueError(f"name={v!r}: use lower_snake_case, it is typed on command lines")
-        return v
+        return _snake_case("name", v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "BackendSpec":
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variants: names must be unique, got {names}")
+        for low, high, where in [(self.min_tokens, self.max_tokens, "")] + [
+            (v.min_tokens or 1, v.max_tokens, f"variant {v.name}: ") for v in self.variants
+        ]:
+            if low < 1 or (high is not None and high < low):
+                raise ValueError(f"{where}token range {_token_range(low, high)}: need 1 <= min_tokens <= max_tokens")
+        return self
+
+    @property
+    def layout_name(self) -> str:
+        return self.layout or self.name
+
+    @property
+    def token_range(self) -> str:
+        return _token_range(self.min_tokens, self.max_tokens)
+
+    def for_variant(self, variant: Variant) -> "BackendSpec":
+        """This spec with ``variant``'s fields in place of the backend's (its layout inherits the
+        backend's layout name, not the variant's name)."""
+        update = {f: getattr(variant, f) for f in ("layer_kinds", "schemes", "dtypes", "min_tokens",
+                                                     "max_tokens", "layout", "priority")
+                  if getattr(variant, f) is not None}
+        update.setdefault("layout", self.layout_name)
+        update["variants"] = ()
+        return self.model_copy(update=update)
 
 
 @runtime_checkable
@@ -276,13 +426,18 @@ class Backend(Protocol):
       (:class:`~quantoracle.schemes.tensors.NVFP4Tensor` for a Linear,
       :class:`~quantoracle.schemes.tensors.MoEWeights` for MoE) to the backend's layout.
       ``problem`` is the *effective* problem (after any activation fallback).
-    - ``apply(prepared, x, topk_weights=None, topk_ids=None)`` runs every forward. Linear:
-      ``x[..., K] -> [..., N]``. MoE: ``x[M, H]``, ``topk_weights[M, k]``, ``topk_ids[M, k]``
-      (global expert ids; experts that are not local contribute zero) ``-> [M, H]``.
+    - ``apply(prepared, x, topk_weights=None, topk_ids=None, *, variant=None)`` runs every
+      forward. Linear: ``x[..., K] -> [..., N]``. MoE: ``x[M, H]``, ``topk_weights[M, k]``,
+      ``topk_ids[M, k]`` (global expert ids; experts that are not local contribute zero)
+      ``-> [M, H]``. ``variant`` names one of ``spec.variants`` (the plan's choice for this
+      call's token count); ``None`` for a backend without variants.
+
+    One ``prepare`` result serves every variant of the same layout.
     """
 
     spec: BackendSpec
 
     def prepare(self, weights: Any, problem: Problem) -> Any: ...
 
-    def apply(self, prepared: Any, x: Any, topk_weights: Any = None, topk_ids: Any = None) -> Any: ...
+    def apply(self, prepared: Any, x: Any, topk_weights: Any = None, topk_ids: Any = None, *,
+              variant: str | None = None) -> Any: ...

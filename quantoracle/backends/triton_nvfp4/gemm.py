@@ -47,6 +47,7 @@ from quantoracle.errors import NumericsError
 from quantoracle.schemes.tensors import NVFP4Tensor
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
+LINEAR_VARIANTS = ("fused", "dequantize")
 
 
 @dataclass(frozen=True)
@@ -374,25 +375,30 @@ def check_activations(x: torch.Tensor, k: int, what: str) -> None:
 
 def linear(
     x: torch.Tensor, prepared: PreparedLinear, *, quantize_activations: bool = False,
-    dequantize_from_m: int | None = None, scratch_bytes: int = configs.SCRATCH_BYTES,
+    variant: str | None = None, dequantize_from_m: int | None = None, scratch_bytes: int = configs.SCRATCH_BYTES,
 ) -> torch.Tensor:
     """``x[..., K] @ W^T`` -> ``[..., N]`` in x.dtype (bf16 or fp16), fp32 accumulation.
 
-    Two paths, same numerics (each product ``e2m1 * s`` exact in 16 bits, fp32 accumulation,
-    the shard's fp32 global scale applied to the fp32 result before the one rounding):
+    Two paths (the plugin's declared variants, :data:`LINEAR_VARIANTS`), same numerics (each
+    product ``e2m1 * s`` exact in 16 bits, fp32 accumulation, the shard's fp32 global scale
+    applied to the fp32 result before the one rounding):
 
-    - below ``dequantize_from_m`` tokens (default: ``configs.dequantize_config(N, K).min_m``,
-      measured per shape), the fused kernel, weights dequantized in registers;
-    - from there on (weight-only), :func:`_launch_dequantized`: the weight is dequantized in
+    - ``"fused"``: the fused kernel, weights dequantized in registers;
+    - ``"dequantize"`` (weight-only), :func:`_launch_dequantized`: the weight is dequantized in
       row chunks into a transient scratch buffer of at most ``max(scratch_bytes, 16 rows)``
       (64 MiB by default), each chunk multiplied by cuBLAS into its output columns, the
       dequantize-then-GEMM technique vLLM uses for AWQ at large batch. The weights stay at 4.5
       bits/weight at rest (DESIGN.md's "no bf16 copy of the weights" is about weights at rest);
       the scratch lives for one call and is bounded whatever N.
 
+    ``variant=None`` (a direct call, not through the engine) takes ``"dequantize"`` from
+    ``dequantize_from_m`` tokens on (default: ``configs.dequantize_config(N, K).min_m``, measured
+    per shape on an H100), else ``"fused"``. The engine passes the plan's variant instead.
+
     ``quantize_activations``: W4A4 emulation (fused kernel only), x quantized per shard with the
     shard's static input scale (one launch per shard). Never synchronizes with the host (CUDA
-    graph capturable). Raises NumericsError for a wrong dtype or K, or W4A4 without input scales.
+    graph capturable). Raises NumericsError for a wrong dtype or K, W4A4 without input scales,
+    an unknown variant, or W4A4 asked of the dequantize variant.
     """
     check_activations(x, prepared.k, "triton_nvfp4 linear")
     lead = x.shape[:-1]
@@ -403,9 +409,15 @@ def linear(
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*lead, n)
-    if dequantize_from_m is None:
-        dequantize_from_m = configs.dequantize_config(n, prepared.k).min_m
+    if variant is None:
+        if dequantize_from_m is None:
+            dequantize_from_m = configs.dequantize_config(n, prepared.k).min_m
+        variant = "dequantize" if m >= dequantize_from_m and not quantize_activations else "fused"
+    if variant not in LINEAR_VARIANTS:
+        raise NumericsError(f"triton_nvfp4 linear: unknown variant {variant!r}; use one of {', '.join(LINEAR_VARIANTS)}")
     if quantize_activations:
+        if variant != "fused":
+            raise NumericsError("triton_nvfp4 linear: W4A4 emulation runs in the fused variant only")
         if prepared.input_scale is None:
             raise NumericsError(
                 "W4A4 emulation needs the checkpoint's input_scale; this weight has none "
@@ -414,7 +426,7 @@ def linear(
         rows = n // prepared.shards
         for shard in range(prepared.shards):
             _launch_dense(x2, prepared, out, shard * rows, rows, prepared.input_scale[shard:])
-    elif m >= dequantize_from_m:
+    elif variant == "dequantize":
         _launch_dequantized(x2, prepared, out, scratch_bytes)
     else:
         _launch_dense(x2, prepared, out, 0, n, None)

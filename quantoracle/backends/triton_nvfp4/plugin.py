@@ -1,9 +1,11 @@
 """Declares the Triton NVFP4 backend: W4A16 dense GEMM and fused MoE with in-register
-dequantization, for CUDA GPUs from Ampere (sm80) on; exact W4A4 by emulation."""
+dequantization, for CUDA GPUs from Ampere (sm80) on; exact W4A4 by emulation. The dense GEMM
+has two variants (one weight layout): ``fused`` and ``dequantize`` (row chunks dequantized to a
+transient scratch, then cuBLAS; weight-only); plans choose between them per batch size."""
 
 from quantoracle.backends.base import KernelBackend, Kernels
 from quantoracle.backends.triton_nvfp4 import CONSTRAINTS
-from quantoracle.oracle import BackendSpec, SchemeSupport, hookimpl
+from quantoracle.oracle import BackendSpec, SchemeSupport, Variant, hookimpl
 from quantoracle.schemes.keys import NVFP4_ACT_DYNAMIC, NVFP4_WEIGHT
 
 SPEC = BackendSpec(
@@ -20,6 +22,14 @@ SPEC = BackendSpec(
     moe_activations=CONSTRAINTS.moe_activations,
     k_multiple_of=CONSTRAINTS.k_multiple_of,
     expert_parallel=CONSTRAINTS.expert_parallel,
+    variants=(
+        Variant(name="fused", layer_kinds={"linear"},
+                description="one kernel: weights decoded in registers, split-K at small M"),
+        Variant(name="dequantize", layer_kinds={"linear"},
+                schemes=(SchemeSupport(weight=NVFP4_WEIGHT, activation=None),),
+                description="row chunks dequantized to a <= 64 MiB scratch, then cuBLAS (large M)",
+                priority=9),
+    ),
     requires=("triton",),
     priority=10,
 )
