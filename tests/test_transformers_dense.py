@@ -209,11 +209,13 @@ def test_a_module_without_config_is_refused(tmp_path):
         quantize_model(nn.Linear(32, 32), "w4a16_nvfp4")
 
 
-def test_gpt2_conv1d_is_named():
+def test_gpt2_conv1d_is_named(tmp_path):
     config = GPT2Config(vocab_size=64, n_embd=64, n_layer=1, n_head=2, n_positions=32)
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(UnsupportedModelError, match=r"transformer\.h\.0\.attn\.c_attn \(transformers Conv1D"):
         quantize_model(model, "w4a16_nvfp4", progress=False)
+    with pytest.raises(UnsupportedModelError, match=r"transformer\.h\.0\.attn\.c_attn \(transformers Conv1D"):
+        save_nvfp4(model, tmp_path / "gpt2", "w4a16_nvfp4")  # its transposed weights would be misquantized
     excluded = ("lm_head", "*wte", "*.c_attn", "*.c_proj", "*.c_fc")
     summary = quantize_model(model, "w4a16_nvfp4", exclude_modules=excluded, progress=False)
     assert summary.replaced == () and "transformer.h.0.attn.c_attn" in summary.untouched

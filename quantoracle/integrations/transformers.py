@@ -295,6 +295,10 @@ def _progress(items: Iterable[Any], enabled: bool, desc: str, unit: str) -> Iter
     return tqdm(items, desc=desc, unit=unit, disable=None if enabled else True, leave=False)
 
 
+def _excluded(name: str, exclude_modules: Iterable[str]) -> bool:
+    return any(matches(name, pattern) for pattern in exclude_modules)
+
+
 def _layer_options(name: str, scheme: Scheme, options: Mapping[str, Any]) -> dict[str, Any]:
     """The keyword arguments of layer ``name``: its scheme and name, and the resolution options,
     where ``force`` may map module-name globs to backends (the first matching pattern wins; a
@@ -529,7 +533,7 @@ def quantize_model(
     amax = {} if scheme.weight_only else calibrate(model, calibration_input_ids, progress=progress).modules
     replaced, untouched = [], []
     for target in _progress(_targets(model), progress, "quantize_model", "module"):
-        if any(matches(target.name, pattern) for pattern in exclude_modules):
+        if _excluded(target.name, exclude_modules):
             untouched.append(target.name)
             continue
         target.check()
@@ -575,8 +579,10 @@ def save_nvfp4(
     ``config.json``. The result equals ``save_pretrained`` followed by ``quantize_checkpoint``.
 
     W4A4 calibrates on ``calibration_input_ids`` first (see :func:`calibrate`).
-    ``write_options`` (``max_shard_bytes``, ``progress``) go to ``write_checkpoint``. Raises
-    UnsupportedModelError for a model already patched, and like ``write_checkpoint``.
+    ``write_options`` (``max_shard_bytes``, ``progress``) go to ``write_checkpoint``; ``progress``
+    also to the calibration. Raises UnsupportedModelError for a model already patched or holding
+    a module quantoracle cannot run that ``exclude_modules`` does not exclude (see
+    :func:`quantize_model`), and like ``write_checkpoint``.
     """
     _checked_model(model, "save_nvfp4")
     scheme = _checked_scheme(scheme, calibration_input_ids, "save_nvfp4")
@@ -585,6 +591,9 @@ def save_nvfp4(
         raise UnsupportedModelError(
             f"{patched[0]} is already an NVFP4 module; save_nvfp4 quantizes a 16-bit model"
         )
+    for target in _targets(model):
+        if not _excluded(target.name, exclude_modules):
+            target.check()
     progress = write_options.get("progress", False)
     input_amax = None if scheme.weight_only else calibrate(model, calibration_input_ids, progress=progress).checkpoint
     state, seen = {}, set()
