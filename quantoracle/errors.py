@@ -109,3 +109,15 @@ class UnquantizedModelError(CheckpointFormatError):
 class OptionError(QuantoracleError, ValueError):
     """Options that contradict each other or have a wrong type: ``force`` also in ``exclude``,
     an unknown ``activation_fallback``, ``tokens=0``."""
+
+
+class CheckpointPathError(CheckpointFormatError):
+    """A path given as a checkpoint or model directory is none: it does not exist (a Hugging Face
+    hub id is not downloaded), it is a file, or it holds no config.json. The message names the
+    path and what to pass instead."""
+
+
+class UnquantizedModelError(CheckpointFormatError):
+    """A 16-bit model directory (config.json without quantization_config, no
+    hf_quant_config.json) where a quantized checkpoint is needed. The message names the command
+    that quantizes it."""

@@ -104,7 +104,7 @@ def write(tmp_path: Path, fmt: str, scheme, tensors=None, **kw) -> Path:
         input_amax=input_amax,
         progress=False,
         **kw,
-    )
+    ).directory
 
 
 # ---- round trips ----

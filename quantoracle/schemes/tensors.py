@@ -132,6 +132,16 @@ class NVFP4Tensor:
             if t is not None
         )
 
+    def __repr__(self) -> str:
+        """Scheme, logical shape ``[*lead, R, K]``, device and each field's dtype and shape;
+        never the values."""
+        shape = [*self.packed.shape[:-1], self.cols]
+        fields = ", ".join(
+            f"{name} {_describe(getattr(self, name))}"
+            for name in ("packed", "block_scale", "global_scale", "input_scale")
+        )
+        return f"NVFP4Tensor({_scheme_name(self)} {shape} on {self.packed.device}: {fields})"
+
 
 @dataclass(frozen=True, eq=False)
 class MoEWeights:
@@ -181,3 +191,25 @@ class MoEWeights:
 
     def to(self, device: torch.device | str) -> "MoEWeights":
         return MoEWeights(self.gate_up.to(device), self.down.to(device), self.first_expert)
+
+    def __repr__(self) -> str:
+        """Scheme, sizes, expert range and device; the parts' dtypes and shapes, never values."""
+        first = self.first_expert
+        return (
+            f"MoEWeights({_scheme_name(self.gate_up)}, experts={self.experts} "
+            f"({first}..{first + self.experts - 1}), hidden={self.hidden}, "
+            f"intermediate={self.intermediate} on {self.gate_up.packed.device}; gate_up packed "
+            f"{_describe(self.gate_up.packed)}, down packed {_describe(self.down.packed)})"
+        )
+
+
+def _scheme_name(weight: NVFP4Tensor) -> str:
+    """w4a4_nvfp4 with an input scale, else w4a16_nvfp4 (for reprs)."""
+    return "w4a16_nvfp4" if weight.input_scale is None else "w4a4_nvfp4"
+
+
+def _describe(tensor: torch.Tensor | None) -> str:
+    """``dtype [shape]`` of a tensor (``None`` for None), for reprs."""
+    if tensor is None:
+        return "None"
+    return f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}"

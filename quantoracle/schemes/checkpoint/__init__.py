@@ -8,13 +8,15 @@ from quantoracle.schemes.checkpoint.reader import Checkpoint, LayerEntry
 from quantoracle.schemes.checkpoint.storage import SafetensorsDirectory
 from quantoracle.schemes.checkpoint.writer import (
     DEFAULT_EXCLUDE,
+    SIDE_FILES,
+    QuantizeSummary,
     quantize_checkpoint,
     quantize_state_dict,
     write_checkpoint,
 )
 
 load_checkpoint = Checkpoint.open
-"""``load_checkpoint(directory, override_activation=None) -> Checkpoint``: the top-level name
+"""``load_checkpoint(directory, override_activation=None, allow_outside_paths=False) -> Checkpoint``: the top-level name
 (``quantoracle.load_checkpoint``) of :meth:`Checkpoint.open`."""
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "LayerEntry",
     "SafetensorsDirectory",
     "DEFAULT_EXCLUDE",
+    "SIDE_FILES",
+    "QuantizeSummary",
     "quantize_state_dict",
     "write_checkpoint",
     "quantize_checkpoint",

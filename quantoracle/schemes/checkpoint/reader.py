@@ -49,6 +49,13 @@ class LayerEntry:
     hidden: int | None = None
     intermediate: int | None = None
 
+    def __repr__(self) -> str:
+        if self.kind == "linear":
+            shape = f"n={self.n}, k={self.k}"
+        else:
+            shape = f"experts={self.experts}, hidden={self.hidden}, intermediate={self.intermediate}"
+        return f"LayerEntry({self.kind} {self.name!r}, {self.scheme}, {shape})"
+
 
 @dataclass(frozen=True)
 class _Module:
@@ -102,13 +109,23 @@ class Checkpoint:
 
     @classmethod
     def open(
-        cls, directory: str | Path, override_activation: ActivationOverride | None = None
+        cls,
+        directory: str | Path,
+        override_activation: ActivationOverride | None = None,
+        allow_outside_paths: bool = False,
     ) -> Checkpoint:
-        """Open a checkpoint directory: its config (see :func:`load_quant_config`) and its
-        tensors (see :class:`SafetensorsDirectory`)."""
+        """Open a checkpoint directory: its config (see :func:`load_quant_config`, which also
+        says what a path that is not a quantized checkpoint raises) and its tensors (see
+        :class:`SafetensorsDirectory`). ``allow_outside_paths=True`` lets the index name files
+        outside the directory (refused by default)."""
         return cls(
-            load_quant_config(directory, override_activation), SafetensorsDirectory(directory)
+            load_quant_config(directory, override_activation),
+            SafetensorsDirectory(directory, allow_outside_paths),
         )
+
+    def __repr__(self) -> str:
+        default = self.config.default or "per layer"
+        return f"Checkpoint({str(self.directory)!r}, {self.config.format}, {default})"
 
     def close(self) -> None:
         self.files.close()

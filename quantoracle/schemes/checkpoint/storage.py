@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -12,22 +13,41 @@ from quantoracle.errors import CheckpointFormatError
 from quantoracle.schemes.checkpoint.detect import read_json
 
 INDEX = "model.safetensors.index.json"
+MODEL_FILE = re.compile(r"model(?:-(?P<shard>\d+)-of-(?P<shards>\d+))?\.safetensors")
+"""The model's own files, as transformers names them: ``model.safetensors`` or
+``model-00001-of-00003.safetensors``."""
+
+
+def _hub_blob(root: Path, target: Path) -> bool:
+    """Whether ``target`` is a blob of the Hugging Face cache snapshot ``root``: the cache keeps
+    a snapshot's files as links ``models--org--name/snapshots/<revision>/<file>`` ->
+    ``models--org--name/blobs/<hash>``."""
+    return root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs"
 
 
 class SafetensorsDirectory(Mapping[str, torch.Tensor]):
     """Tensor name -> tensor over ``model.safetensors.index.json``'s weight map, or, without an
-    index, over every ``*.safetensors`` file of the directory.
+    index, over the model's own files (:data:`MODEL_FILE`: ``model.safetensors`` or a complete
+    set of ``model-XXXXX-of-YYYYY.safetensors``). Other ``*.safetensors`` files are not read;
+    ``ignored`` names them.
+
+    Every file read must lie inside the directory once ``..`` and symbolic links are resolved
+    (a Hugging Face cache snapshot's links to its own blobs count as inside), unless
+    ``allow_outside_paths=True``: an index must not make a reader open arbitrary files.
 
     ``self[name]`` reads a whole tensor; :meth:`read` reads a slice of it from disk and nothing
     else; :meth:`header` gives dtype and shape without reading data. Files are opened once and
     kept open until :meth:`close`. Raises CheckpointFormatError for a malformed index, a file it
-    names that is missing or unreadable, or a tensor in two files.
+    names that is missing, unreadable or outside the directory, no model file or an incomplete
+    set of shards without an index, or a tensor in two files.
     """
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, allow_outside_paths: bool = False):
         self.directory = Path(directory)
+        self.allow_outside_paths = allow_outside_paths
         self._handles: dict[str, object] = {}
         index = self.directory / INDEX
+        present = sorted(p.name for p in self.directory.glob("*.safetensors"))
         if index.is_file():
             data = read_json(index)
             weight_map = data.get("weight_map") if isinstance(data, dict) else None
@@ -36,19 +56,56 @@ class SafetensorsDirectory(Mapping[str, torch.Tensor]):
             ):
                 raise CheckpointFormatError(f'{index}: expected {{"weight_map": {{tensor: file}}}}')
             self._files: dict[str, str] = dict(weight_map)
+            first_tensor: dict[str, str] = {}
+            for tensor, file in weight_map.items():
+                first_tensor.setdefault(file, tensor)
+            for file, tensor in first_tensor.items():
+                self._check_inside(file, f"{index}: weight_map entry {tensor!r}: {file!r}")
+            self.ignored = tuple(f for f in present if f not in set(weight_map.values()))
             return
-        files = sorted(self.directory.glob("*.safetensors"))
+        files = [f for f in present if MODEL_FILE.fullmatch(f)]
+        self.ignored = tuple(f for f in present if f not in files)
         if not files:
-            raise CheckpointFormatError(f"{self.directory}: no {INDEX} and no *.safetensors files")
+            found = f"; found {', '.join(self.ignored)}, which are not" if self.ignored else ""
+            raise CheckpointFormatError(
+                f"{self.directory}: no {INDEX} and no model.safetensors or "
+                f"model-XXXXX-of-YYYYY.safetensors{found} (other files are never merged into a "
+                "model); rename the model's file or add an index"
+            )
         self._files = {}
         for file in files:
-            for name in self._handle(file.name).keys():
+            self._check_inside(file, f"{self.directory / file}")
+            for name in self._handle(file).keys():
                 if name in self._files:
                     raise CheckpointFormatError(
                         f"{self.directory}: tensor {name} is in both {self._files[name]} and "
-                        f"{file.name}; remove the stale file"
+                        f"{file}; remove the stale file"
                     )
-                self._files[name] = file.name
+                self._files[name] = file
+        self._check_complete(files)
+
+    def _check_complete(self, files: list[str]) -> None:
+        """Without an index, shards ``model-i-of-n`` must be all of 1..n, and alone."""
+        shards = [MODEL_FILE.fullmatch(f) for f in files]
+        counts = {int(m["shards"]) if m["shards"] else None for m in shards}
+        numbers = sorted(int(m["shard"]) for m in shards if m["shard"])
+        if len(counts) > 1 or (numbers and numbers != list(range(1, int(counts.pop()) + 1))):
+            raise CheckpointFormatError(
+                f"{self.directory}: no {INDEX}, and the model files {files} are not one complete "
+                "set model-00001-of-N .. model-N-of-N; restore the missing shards or the index"
+            )
+
+    def _check_inside(self, file: str, what: str) -> None:
+        if self.allow_outside_paths:
+            return
+        root = self.directory.resolve()
+        target = (self.directory / file).resolve()
+        if not target.is_relative_to(root) and not _hub_blob(root, target):
+            raise CheckpointFormatError(
+                f"{what} resolves to {target}, outside the checkpoint directory {root}; move the "
+                "file into the directory, or pass allow_outside_paths=True if you trust where "
+                "it points"
+            )
 
     def _handle(self, file: str):
         if file not in self._handles:
@@ -93,4 +150,4 @@ class SafetensorsDirectory(Mapping[str, torch.Tensor]):
         self._handles.clear()
 
 
-__all__ = ["SafetensorsDirectory", "INDEX"]
+__all__ = ["SafetensorsDirectory", "INDEX", "MODEL_FILE"]

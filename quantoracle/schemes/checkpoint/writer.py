@@ -6,18 +6,30 @@ and transformers-5 fused experts (``<p>.experts.gate_up_proj`` [E, 2I, H], gate 
 ``<p>.experts.down_proj`` [E, H, I]), which are written per expert. Everything else is copied.
 Groups that serving engines fuse share one ``weight_scale_2`` (the max amax) and one
 ``input_scale``: q/k/v, gate/up (or w1/w3) of an MLP or of one expert (FORMATS.md section 2).
+
+Writes are atomic: everything goes to ``.<OUT>.partial-<host>-<pid>-<token>`` beside ``OUT``,
+renamed to ``OUT`` at the end and removed on failure, Ctrl-C or SIGTERM. A later write to
+``OUT`` removes the partial directories a killed writer left (see :func:`_remove_stale_partials`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import glob
 import json
+import logging
 import os
+import re
 import shutil
+import signal
+import socket
+import threading
 import uuid
-from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from functools import reduce
 from pathlib import Path
 from typing import Any
@@ -26,11 +38,16 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from quantoracle.errors import CheckpointFormatError, NumericsError, SchemeError
+from quantoracle.errors import (
+    CheckpointFormatError,
+    CheckpointPathError,
+    NumericsError,
+    SchemeError,
+)
 from quantoracle.schemes import nvfp4
 from quantoracle.schemes.checkpoint import compressed_tensors, modelopt
 from quantoracle.schemes.checkpoint.config import matches
-from quantoracle.schemes.checkpoint.detect import CONFIG, HF_QUANT_CONFIG, read_json
+from quantoracle.schemes.checkpoint.detect import CONFIG, HF_QUANT_CONFIG, model_directory, read_json
 from quantoracle.schemes.checkpoint.layout import (
     EXPERT_MODULE,
     FORMATS,
@@ -52,10 +69,133 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
     "*.block_sparse_moe.gate",
     "*.mlp.shared_expert_gate",
 )
-"""Module-name patterns (fnmatch globs, or ``re:<regex>``) left 16-bit by default: the output
-head, embeddings and MoE routers."""
+"""Module-name patterns (fnmatch globs, or ``re:<regex>``) always left 16-bit unless
+``default_exclude=False``: the output head, embeddings and MoE routers. (Norms, biases and
+other tensors that are not 2-D weights are never quantized.)"""
+SIDE_FILES: tuple[str, ...] = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "configuration_*.py",
+    "modeling_*.py",
+    "tokenization_*.py",
+    "processing_*.py",
+    "image_processing_*.py",
+    "LICENSE*",
+    "NOTICE*",
+)
+"""fnmatch patterns of the files :func:`quantize_checkpoint` copies beside the weights: what
+loading and serving the model needs (generation config, tokenizer, chat template, processor
+configs, remote code) and its license. Other files are skipped and reported."""
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 WEIGHT = ".weight"
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizeSummary:
+    """What a write produced. :meth:`describe` renders it for people.
+
+    - ``directory``: the checkpoint written; ``format`` and ``scheme``.
+    - ``quantized``: the modules written NVFP4 (experts one per expert and projection).
+    - ``kept``: module -> the exclude pattern that kept it 16-bit (a fused experts parameter
+      kept whole appears as its block prefix).
+    - ``unchanged_tensors``: how many tensors were copied as they were (the kept modules',
+      norms, biases, ...).
+    - ``bytes_before`` / ``bytes_after``: bytes of the tensors read and of the tensors written.
+    - ``copied_files``: side files copied (:data:`SIDE_FILES`); ``skipped_files``: the source's
+      other files and folders (``name/``), not copied; ``ignored_files``: ``*.safetensors``
+      files that are not the model's (see :class:`SafetensorsDirectory`), not read.
+    - ``removed_partials``: partial directories of killed writes to the same path, removed.
+
+    Where a path is expected it stands for ``directory`` (``os.fspath``, ``str``, ``/``): the
+    writers returned the path before they returned this.
+    """
+
+    directory: Path
+    format: Format
+    scheme: Scheme
+    quantized: tuple[str, ...]
+    kept: Mapping[str, str]
+    unchanged_tensors: int
+    bytes_before: int
+    bytes_after: int
+    copied_files: tuple[str, ...] = ()
+    skipped_files: tuple[str, ...] = ()
+    ignored_files: tuple[str, ...] = ()
+    removed_partials: tuple[Path, ...] = ()
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.directory)
+
+    def __str__(self) -> str:
+        return str(self.directory)
+
+    def __truediv__(self, name: str | Path) -> Path:
+        return self.directory / name
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizeSummary({str(self.directory)!r}, {self.format}, {self.scheme}, "
+            f"quantized={len(self.quantized)}, kept={len(self.kept)}, "
+            f"bytes {self.bytes_before} -> {self.bytes_after})"
+        )
+
+    def describe(self) -> str:
+        """Several lines: what was quantized and kept (module names with their numbers as
+        ``*``, counted), sizes, files copied, skipped and ignored, partial directories removed."""
+        lines = [f"wrote a {self.format} {self.scheme} checkpoint to {self.directory}"]
+        lines.append(f"quantized {len(self.quantized)} modules:")
+        lines += [f"  {name}" for name in _grouped(self.quantized)]
+        if self.kept:
+            lines.append(f"kept 16-bit {len(self.kept)} modules, by exclude pattern:")
+            for pattern in sorted(set(self.kept.values())):
+                names = [m for m, p in self.kept.items() if p == pattern]
+                lines += [f"  {name}  ({pattern!r})" for name in _grouped(names)]
+        ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+        lines.append(
+            f"tensors: {_size(self.bytes_before)} -> {_size(self.bytes_after)} ({ratio:.1f}x "
+            f"smaller); {self.unchanged_tensors} tensors copied unchanged"
+        )
+        for label, files in (
+            ("copied", self.copied_files),
+            ("skipped (not a known side file)", self.skipped_files),
+            ("ignored (not the model's safetensors)", self.ignored_files),
+        ):
+            if files:
+                lines.append(f"{label}: {', '.join(files)}")
+        lines += [
+            f"removed {path}, left by a killed write to the same path" for path in self.removed_partials
+        ]
+        return "\n".join(lines)
+
+
+def _grouped(names: Sequence[str]) -> list[str]:
+    """Names with their numbers replaced by ``*``, counted when more than one share a form."""
+    forms: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        forms[re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)].append(name)
+    return [m[0] if len(m) == 1 else f"{form}  x{len(m)}" for form, m in forms.items()]
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return f"{count} B"
 
 
 @dataclass(frozen=True)
@@ -90,7 +230,7 @@ class _Pass:
     """One quantization pass over ``tensors``: planned and checked (schemes, excludes, shapes,
     input amax) before anything is read or written; :meth:`items` then runs it."""
 
-    def __init__(self, tensors, scheme, format, exclude, input_amax, config):
+    def __init__(self, tensors, scheme, format, exclude, default_exclude, input_amax, config):
         if isinstance(scheme, str):
             scheme = Scheme.from_name(scheme)
         if scheme not in (W4A16_NVFP4, W4A4_NVFP4):
@@ -102,8 +242,9 @@ class _Pass:
         self.tensors, self.scheme, self.layout = tensors, scheme, LAYOUTS[format]
         renames = SAVED_NAMES.get((config or {}).get("model_type"), ())
         self.source = {reduce(lambda n, r: n.replace(*r), renames, n): n for n in tensors}
-        self.exclude = tuple(exclude)
-        self.excluded: list[str] = []  # module names written 16-bit, for the config
+        self.exclude = (*DEFAULT_EXCLUDE, *exclude) if default_exclude else tuple(exclude)
+        self.excluded: dict[str, str] = {}  # module written 16-bit -> the pattern that kept it
+        self.bytes_read = 0
         self.units = self._plan()
         self.input_amax = input_amax or {}
         self._check_input_amax()
@@ -115,11 +256,17 @@ class _Pass:
         return list(self.tensors[self.source[name]].shape)
 
     def _tensor(self, name: str) -> torch.Tensor:
-        return self.tensors[self.source[name]]
+        tensor = self.tensors[self.source[name]]
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def _pattern(self, module: str) -> str | None:
+        """The first exclude pattern that matches ``module``, or None."""
+        return next((p for p in self.exclude if matches(module, p)), None)
 
     def _excluded(self, what: str, members: tuple[str, ...]) -> bool:
         """Whether ``members``, served as one layer, are excluded: all or none, else SchemeError."""
-        flags = {m: any(matches(m, p) for p in self.exclude) for m in members}
+        flags = {m: self._pattern(m) is not None for m in members}
         if len(set(flags.values())) > 1:
             raise SchemeError(
                 f"exclude matches {sorted(m for m, f in flags.items() if f)} but not all of "
@@ -137,20 +284,20 @@ class _Pass:
             expert = EXPERT_MODULE.match(module)
             if expert:
                 blocks[expert["prefix"]].append(module)
-        excluded = {m for m in linear if any(matches(m, p) for p in self.exclude)}
+        excluded = {m: p for m in linear if (p := self._pattern(m)) is not None}
         for prefix, members in blocks.items():
             self._excluded(f"the experts of {prefix}", tuple(sorted(members)))
         for module in linear:
             group = _siblings(module, linear)
             self._excluded(" / ".join(group), group)
-        quantized = linear - excluded
+        quantized = linear - excluded.keys()
         bad = sorted(m for m in quantized if self._shape(m + WEIGHT)[1] % NVFP4_BLOCK)
         if bad:
             raise NumericsError(
                 f"K (in features) is not a multiple of {NVFP4_BLOCK} for {bad[:8]}; NVFP4 cannot "
                 "quantize them: add them to exclude"
             )
-        self.excluded = sorted(excluded)
+        self.excluded = dict(sorted(excluded.items()))
         units: list[_Unit] = []
         done: set[str] = set()
         for name in names:
@@ -170,8 +317,9 @@ class _Pass:
     def _fused(self, name: str, prefix: str, param: str) -> _Unit:
         experts, rows, cols = self._shape(name)
         groups = _expert_names(prefix, param, experts, self.layout)
-        if any(matches(prefix, p) for p in self.exclude):
-            self.excluded.append(prefix)
+        pattern = self._pattern(prefix)
+        if pattern is not None:
+            self.excluded[prefix] = pattern
             return _Unit(name)
         self._excluded(f"the experts of {prefix}", tuple(m for g in groups for m in g))
         if cols % NVFP4_BLOCK or rows % len(groups[0]):
@@ -181,10 +329,15 @@ class _Pass:
             )
         return _Unit(name, groups)
 
+    @property
+    def quantized(self) -> list[str]:
+        """The modules written NVFP4, in write order."""
+        return [m for unit in self.units for group in unit.groups for m in group]
+
     def _check_input_amax(self) -> None:
         if self.scheme.weight_only:
             return
-        needed = [m for u in self.units for g in u.groups for m in g]
+        needed = self.quantized
         missing = [m for m in needed if m not in self.input_amax]
         if missing:
             raise SchemeError(
@@ -234,10 +387,10 @@ class _Pass:
         """File name -> JSON content: the quantization config (and config.json)."""
         files: dict[str, Any] = {}
         if self.layout.format == "modelopt":
-            files[HF_QUANT_CONFIG] = modelopt.hf_quant_config(self.scheme, self.excluded)
-            section = modelopt.quantization_config(self.scheme, self.excluded)
+            files[HF_QUANT_CONFIG] = modelopt.hf_quant_config(self.scheme, sorted(self.excluded))
+            section = modelopt.quantization_config(self.scheme, sorted(self.excluded))
         else:
-            section = compressed_tensors.quantization_config(self.scheme, self.excluded)
+            section = compressed_tensors.quantization_config(self.scheme, sorted(self.excluded))
         if config is not None or self.layout.format == "compressed-tensors":
             files[CONFIG] = {**(config or {}), "quantization_config": section}
         return files
@@ -247,40 +400,108 @@ def quantize_state_dict(
     tensors: Mapping[str, torch.Tensor],
     scheme: Scheme | str,
     format: Format = "modelopt",
-    exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
+    exclude: tuple[str, ...] = (),
     input_amax: Mapping[str, float] | None = None,
     config: Mapping[str, Any] | None = None,
     progress: bool = False,
+    default_exclude: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The quantized state dict, in memory, with the tensor names and layout of ``format``.
 
     ``tensors``: a 16-bit state dict (see the module docstring for what is quantized).
     ``scheme``: W4A16_NVFP4 or W4A4_NVFP4 (or their names). ``exclude``: module-name patterns
-    kept 16-bit. ``input_amax``: module name -> calibrated max |input|, required for every
-    quantized module under W4A4 (input_scale = amax / 2688, the group max for fused groups).
-    ``config``: the model's config.json content; its ``model_type`` restores saved module names
-    that transformers 5 renames in memory (Mixtral's ``mlp`` is saved as ``block_sparse_moe``,
-    its experts as w1/w3/w2 in ModelOpt). ``exclude`` and ``input_amax`` use the saved names.
-    Raises SchemeError (unsupported scheme, missing input amax, an exclude that splits a fused
-    group), NumericsError (K % 16 != 0, NaN or Inf weights), CheckpointFormatError (bad format).
+    kept 16-bit in addition to :data:`DEFAULT_EXCLUDE`; ``default_exclude=False`` keeps only
+    ``exclude`` 16-bit. ``input_amax``: module name -> calibrated max |input|, required for
+    every quantized module under W4A4 (input_scale = amax / 2688, the group max for fused
+    groups). ``config``: the model's config.json content; its ``model_type`` restores saved
+    module names that transformers 5 renames in memory (Mixtral's ``mlp`` is saved as
+    ``block_sparse_moe``, its experts as w1/w3/w2 in ModelOpt). ``exclude`` and ``input_amax``
+    use the saved names. Raises SchemeError (unsupported scheme, missing input amax, an exclude
+    that splits a fused group), NumericsError (K % 16 != 0, NaN or Inf weights),
+    CheckpointFormatError (bad format).
     """
-    quantization = _Pass(tensors, scheme, format, exclude, input_amax, config)
+    quantization = _Pass(tensors, scheme, format, exclude, default_exclude, input_amax, config)
     return dict(quantization.items(progress))
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (True where that cannot be checked)."""
+    if os.name != "posix":  # os.kill(pid, 0) would terminate it on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_partials(dst: Path) -> tuple[Path, ...]:
+    """Remove the partial directories of earlier writes to ``dst`` that provably died: named
+    ``.<dst>.partial-<host>-<pid>-<token>`` with this host's name and a pid that is not a
+    running process. Another host's, a running process's, or another naming's are left alone.
+    Returns the removed paths (each also logged)."""
+    prefix = f".{dst.name}.partial-"
+    ours = re.compile(re.escape(prefix) + r"(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]+")
+    removed = []
+    for path in sorted(dst.parent.glob(glob.escape(prefix) + "*")):
+        match = ours.fullmatch(path.name)
+        if (
+            match
+            and match["host"] == _HOST
+            and path.is_dir()
+            and not path.is_symlink()
+            and not _running(int(match["pid"]))
+        ):
+            shutil.rmtree(path)
+            logger.info("removed %s, left by process %s (not running)", path, match["pid"])
+            removed.append(path)
+    return tuple(removed)
+
+
+@contextlib.contextmanager
+def _sigterm_raises_system_exit() -> Iterator[None]:
+    """While the block runs, SIGTERM raises SystemExit(128 + SIGTERM) in the main thread (as
+    SIGINT raises KeyboardInterrupt), so the cleanup around the block runs; the previous handler
+    is restored after. Installed only in the main thread (Python runs handlers there) and when
+    SIGTERM has its default action: a handler the program installed, or SIG_IGN, is its own."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def exit_on_sigterm(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
 def _atomic_directory(dst: Path) -> Iterator[Path]:
     """A fresh temporary directory beside ``dst``, renamed to ``dst`` when the block succeeds
-    and removed when it fails: no half-written checkpoint is ever left at ``dst``."""
+    and removed when it fails, is interrupted (Ctrl-C) or terminated (SIGTERM): no
+    half-written checkpoint is ever left at ``dst``. Its files get the mode a plain file write
+    gives (0666 minus the umask; safetensors writes 0600)."""
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(
             f"{dst} exists and is not an empty directory; choose a new path or remove it"
         )
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:12]}"
+    tmp = dst.parent / f".{dst.name}.partial-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        yield tmp
+        with _sigterm_raises_system_exit():
+            yield tmp
+        file_mode = tmp.stat().st_mode & 0o666  # mkdir gave 0777 minus the umask
+        for file in tmp.iterdir():
+            file.chmod(file_mode)
         if dst.exists():
             dst.rmdir()
         os.rename(tmp, dst)
@@ -291,9 +512,10 @@ def _atomic_directory(dst: Path) -> Iterator[Path]:
 
 def _write_shards(
     directory: Path, items: Iterator[tuple[str, torch.Tensor]], max_shard_bytes: int
-) -> None:
+) -> int:
     """Safetensors shards of at most ``max_shard_bytes`` (a larger tensor gets a shard of its
-    own), named as transformers names them, plus the index when there is more than one."""
+    own), named as transformers names them, plus the index when there is more than one.
+    Returns the bytes of the tensors written."""
     shards: list[list[str]] = []
     total = 0
     current: dict[str, torch.Tensor] = {}
@@ -324,7 +546,7 @@ def _write_shards(
         flush()
     if len(shards) == 1:
         os.rename(directory / "shard-1.partial", directory / "model.safetensors")
-        return
+        return total
     weight_map = {}
     for i, names in enumerate(shards, 1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
@@ -334,18 +556,43 @@ def _write_shards(
         directory / INDEX,
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
     )
+    return total
 
 
 def _dump(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _write_into(
-    directory: Path, quantization: _Pass, max_shard_bytes: int, config, progress: bool
-) -> None:
-    _write_shards(directory, quantization.items(progress), max_shard_bytes)
-    for file, content in quantization.config_files(config).items():
-        _dump(directory / file, content)
+def _write(
+    dst_dir: str | Path,
+    quantization: _Pass,
+    max_shard_bytes: int,
+    config: Mapping[str, Any] | None,
+    progress: bool,
+    side_files: Sequence[Path] = (),
+) -> QuantizeSummary:
+    """Write the checkpoint of ``quantization`` and copies of ``side_files`` atomically to
+    ``dst_dir``, after removing the stale partial directories of earlier writes to it."""
+    dst = Path(dst_dir)
+    removed = _remove_stale_partials(dst) if dst.parent.is_dir() else ()
+    with _atomic_directory(dst) as tmp:
+        for file in side_files:
+            shutil.copyfile(file, tmp / file.name)
+        written = _write_shards(tmp, quantization.items(progress), max_shard_bytes)
+        for file, content in quantization.config_files(config).items():
+            _dump(tmp / file, content)
+    return QuantizeSummary(
+        directory=dst,
+        format=quantization.layout.format,
+        scheme=quantization.scheme,
+        quantized=tuple(quantization.quantized),
+        kept=dict(quantization.excluded),
+        unchanged_tensors=sum(not unit.groups for unit in quantization.units),
+        bytes_before=quantization.bytes_read,
+        bytes_after=written,
+        copied_files=tuple(file.name for file in side_files),
+        removed_partials=removed,
+    )
 
 
 def write_checkpoint(
@@ -353,27 +600,42 @@ def write_checkpoint(
     tensors: Mapping[str, torch.Tensor],
     scheme: Scheme | str,
     format: Format = "modelopt",
-    exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
+    exclude: tuple[str, ...] = (),
     input_amax: Mapping[str, float] | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     config: Mapping[str, Any] | None = None,
     progress: bool = True,
-) -> Path:
-    """Quantize ``tensors`` (see :func:`quantize_state_dict`, also for ``config``) and write a
-    checkpoint to ``dst_dir``, which must not exist or be empty.
+    default_exclude: bool = True,
+) -> QuantizeSummary:
+    """Quantize ``tensors`` (see :func:`quantize_state_dict`, also for ``exclude``,
+    ``default_exclude`` and ``config``) and write a checkpoint to ``dst_dir``, which must not
+    exist or be empty.
 
     Writes ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` shards of at most
     ``max_shard_bytes`` plus ``model.safetensors.index.json``) and, for ModelOpt,
     ``hf_quant_config.json``; ``config.json`` (``config`` with ``quantization_config`` added)
     when ``config`` is given, and always for compressed-tensors. Everything is written to a
-    temporary directory renamed at the end. Returns the path. Raises like quantize_state_dict,
-    and FileExistsError for a non-empty ``dst_dir``.
+    temporary directory renamed at the end (see the module docstring). Returns the
+    :class:`QuantizeSummary`, which also stands for the path. Raises like quantize_state_dict,
+    FileExistsError for a non-empty ``dst_dir``, and OSError when it cannot be written.
     """
-    quantization = _Pass(tensors, scheme, format, exclude, input_amax, config)
-    dst = Path(dst_dir)
-    with _atomic_directory(dst) as tmp:
-        _write_into(tmp, quantization, max_shard_bytes, config, progress)
-    return dst
+    quantization = _Pass(tensors, scheme, format, exclude, default_exclude, input_amax, config)
+    return _write(dst_dir, quantization, max_shard_bytes, config, progress)
+
+
+def _source_files(src: Path) -> tuple[list[Path], tuple[str, ...]]:
+    """The side files of model directory ``src`` to copy (:data:`SIDE_FILES`), and the names of
+    the other entries, which are not (folders as ``name/``). The config, the index and the
+    safetensors files are neither: they are read."""
+    copied, skipped = [], []
+    for entry in sorted(src.iterdir()):
+        if entry.name in (CONFIG, INDEX) or entry.name.endswith(".safetensors"):
+            continue
+        if entry.is_file() and any(fnmatchcase(entry.name, p) for p in SIDE_FILES):
+            copied.append(entry)
+        else:
+            skipped.append(entry.name + ("/" if entry.is_dir() else ""))
+    return copied, tuple(skipped)
 
 
 def quantize_checkpoint(
@@ -381,21 +643,31 @@ def quantize_checkpoint(
     dst_dir: str | Path,
     scheme: Scheme | str,
     format: Format = "modelopt",
-    exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
+    exclude: tuple[str, ...] = (),
     input_amax: Mapping[str, float] | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
-) -> Path:
-    """Quantize a 16-bit model directory (``config.json`` + safetensors) into ``dst_dir``.
+    default_exclude: bool = True,
+    allow_outside_paths: bool = False,
+) -> QuantizeSummary:
+    """Quantize a 16-bit model directory (``config.json`` + safetensors) into ``dst_dir``
+    (``quantoracle quantize SRC DST`` on the command line).
 
-    Tensors are read one unit at a time; other files (tokenizer, generation config) are copied;
-    ``config.json`` gains ``quantization_config``. Raises CheckpointFormatError when the source
-    has no config.json or is already quantized, and like :func:`write_checkpoint`.
+    Tensors are read one unit at a time from the index's files or, without an index, from the
+    model's own ``model.safetensors`` / ``model-XXXXX-of-YYYYY.safetensors`` (other
+    safetensors files are ignored, never merged); ``allow_outside_paths`` as for
+    :class:`SafetensorsDirectory`. The side files matching :data:`SIDE_FILES` are copied, the
+    others skipped; ``config.json`` gains ``quantization_config``. ``exclude`` and
+    ``default_exclude`` as in :func:`quantize_state_dict`. Returns the :class:`QuantizeSummary`
+    (with the files copied, skipped and ignored). Raises CheckpointPathError when ``src_dir``
+    is missing (or a hub id), a file or has no config.json; CheckpointFormatError when the
+    model is already quantized or has no model safetensors; and like :func:`write_checkpoint`.
     """
-    src = Path(src_dir)
+    src = model_directory(src_dir)
     if not (src / CONFIG).is_file():
-        raise CheckpointFormatError(
-            f"{src}: no {CONFIG}; quantize_checkpoint reads a transformers model directory"
+        raise CheckpointPathError(
+            f"{src}: no {CONFIG}; quantize reads a transformers model directory ({CONFIG} and "
+            "the model's safetensors)"
         )
     config = read_json(src / CONFIG)
     if (
@@ -407,27 +679,23 @@ def quantize_checkpoint(
             f"{src}: {CONFIG} is not a 16-bit model's config (it is not an object, or the model is "
             "already quantized); pass the original model"
         )
-    tensors = SafetensorsDirectory(src)
+    tensors = SafetensorsDirectory(src, allow_outside_paths)
     try:
-        quantization = _Pass(tensors, scheme, format, exclude, input_amax, config)
-        dst = Path(dst_dir)
-        with _atomic_directory(dst) as tmp:
-            for file in src.iterdir():
-                if (
-                    file.is_file()
-                    and file.suffix != ".safetensors"
-                    and file.name not in (INDEX, CONFIG)
-                ):
-                    shutil.copy2(file, tmp / file.name)
-            _write_into(tmp, quantization, max_shard_bytes, config, progress)
+        quantization = _Pass(
+            tensors, scheme, format, exclude, default_exclude, input_amax, config
+        )
+        copied, skipped = _source_files(src)
+        summary = _write(dst_dir, quantization, max_shard_bytes, config, progress, copied)
     finally:
         tensors.close()
-    return dst
+    return dataclasses.replace(summary, skipped_files=skipped, ignored_files=tensors.ignored)
 
 
 __all__ = [
     "DEFAULT_EXCLUDE",
     "DEFAULT_MAX_SHARD_BYTES",
+    "SIDE_FILES",
+    "QuantizeSummary",
     "quantize_state_dict",
     "write_checkpoint",
     "quantize_checkpoint",
