@@ -238,6 +238,17 @@ def test_checkpoint_layers_the_model_lacks_are_named(tmp_path):
     two_layers = example.build_model(example.model_config("llama", "tiny"))
     checkpoint = save_nvfp4(two_layers, tmp_path / "two", "w4a16_nvfp4")
     one_layer = example.build_model(example.model_config("llama", "tiny", num_hidden_layers=1))
-    found = r"quantizes linear model\.layers\.1\.\S+ \(7 such layers\); LlamaForCausalLM has no module saved"
+    found = r"quantizes linear model\.layers\.1\.\S+ and 6 more layers that this model cannot take: LlamaForC"
     with pytest.raises(UnsupportedModelError, match=found):
         load_nvfp4(one_layer, checkpoint, progress=False)
+
+    class Projection(nn.Module):  # a Linear's weight in a module quantoracle does not replace
+        def __init__(self, linear: nn.Linear) -> None:
+            super().__init__()
+            self.weight = linear.weight
+
+    other = example.build_model(example.model_config("llama", "tiny"))
+    other.model.layers[1].mlp.down_proj = Projection(other.model.layers[1].mlp.down_proj)
+    found = r"quantizes linear model\.layers\.1\.mlp\.down_proj that this model cannot take: .*\(Projection\)"
+    with pytest.raises(UnsupportedModelError, match=found):
+        load_nvfp4(other, checkpoint, progress=False)

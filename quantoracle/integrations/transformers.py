@@ -717,13 +717,14 @@ def _check_all_taken(model: nn.Module, names: _SavedNames, checkpoint: Checkpoin
         None,
     )
     found = (
-        f"the model's {holder} is a {type(model.get_submodule(holder)).__name__}, which quantoracle "
-        "cannot replace (it replaces nn.Linear and transformers-5 fused experts)"
+        f"the model's {holder} ({type(model.get_submodule(holder)).__name__}) is not a module that "
+        f"takes it (quantoracle replaces nn.Linear modules and transformers-5 fused experts)"
         if holder else f"{type(model).__name__} has no module saved under that name"
     )
     raise UnsupportedModelError(
-        f"{checkpoint.directory}: the checkpoint quantizes {entry.kind} {entry.name} "
-        f"({len(left)} such layers); {found}. Build the model from the checkpoint's config.json"
+        f"{checkpoint.directory}: the checkpoint quantizes {entry.kind} {entry.name}"
+        f"{f' and {len(left) - 1} more layers' if len(left) > 1 else ''} that this model cannot take: "
+        f"{found}. Build the model from the checkpoint's config.json"
     )
 
 
