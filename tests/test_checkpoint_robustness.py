@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantoracle.errors import CheckpointFormatError
+from quantoracle.errors import CheckpointFormatError, SchemeError
 from quantoracle.schemes.checkpoint import (
     Checkpoint,
     SafetensorsDirectory,
@@ -114,7 +114,8 @@ def test_a_later_write_removes_the_partial_directory_a_killed_writer_left(tmp_pa
     out = tmp_path / "OUT"
     assert killed_writer(out, signal.SIGKILL) == -signal.SIGKILL
     (left,) = partials(out)
-    alive = tmp_path / f".OUT.partial-{left.name.split('-', 1)[1].rsplit('-', 2)[0]}-{os.getpid()}-0"
+    host = left.name.removeprefix(".OUT.partial-").rsplit("-", 2)[0]
+    alive = tmp_path / f".OUT.partial-{host}-{os.getpid()}-0"
     alive.mkdir()  # this process is alive: its partial directory is not provably stale
 
     summary = write_checkpoint(out, tiny_model(), W4A16_NVFP4, progress=False)
@@ -124,6 +125,21 @@ def test_a_later_write_removes_the_partial_directory_a_killed_writer_left(tmp_pa
     assert str(left.name) in summary.describe()
     with Checkpoint.open(out) as checkpoint:
         assert checkpoint.layers()
+
+
+def test_a_write_leaves_the_sigterm_handler_as_it_found_it(tmp_path):
+    def own_handler(signum, frame):
+        raise AssertionError("not called")
+
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    write_checkpoint(tmp_path / "a", tiny_model(), W4A16_NVFP4, progress=False)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    previous = signal.signal(signal.SIGTERM, own_handler)
+    try:
+        write_checkpoint(tmp_path / "b", tiny_model(), W4A16_NVFP4, progress=False)
+        assert signal.getsignal(signal.SIGTERM) is own_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---- item 7: paths that leave the directory, conflicting configs ----
@@ -234,7 +250,7 @@ def test_written_files_have_the_mode_of_a_normal_file_write(tmp_path):
 def test_exclude_adds_to_the_default_exclusions(tmp_path):
     src = model_directory(tmp_path / "bf16")
     summary = quantize_checkpoint(
-        src, tmp_path / "out", W4A16_NVFP4, exclude=(f"model.layers.*.self_attn.*",),
+        src, tmp_path / "out", W4A16_NVFP4, exclude=("model.layers.*.self_attn.*",),
         progress=False,
     )
     kept = {"lm_head", "model.embed_tokens", ROUTER, *ATTENTION}
@@ -258,6 +274,8 @@ def test_exclude_adds_to_the_default_exclusions(tmp_path):
     )
     assert dict(replaced.kept) == {"lm_head": "lm_head"}
     assert {"model.embed_tokens", ROUTER} <= set(replaced.quantized)
+    with pytest.raises(SchemeError, match=r"\('lm_head',\)"):
+        write_checkpoint(tmp_path / "str", tiny_model(), W4A16_NVFP4, exclude="lm_head")
 
 
 # ---- item 16: paths that are not quantized checkpoints ----

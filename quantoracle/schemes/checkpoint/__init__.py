@@ -16,8 +16,8 @@ from quantoracle.schemes.checkpoint.writer import (
 )
 
 load_checkpoint = Checkpoint.open
-"""``load_checkpoint(directory, override_activation=None, allow_outside_paths=False) -> Checkpoint``: the top-level name
-(``quantoracle.load_checkpoint``) of :meth:`Checkpoint.open`."""
+"""The top-level name (``quantoracle.load_checkpoint``) of :meth:`Checkpoint.open`:
+``load_checkpoint(directory, override_activation=None, allow_outside_paths=False)``."""
 
 __all__ = [
     "QuantConfig",

@@ -53,7 +53,10 @@ class LayerEntry:
         if self.kind == "linear":
             shape = f"n={self.n}, k={self.k}"
         else:
-            shape = f"experts={self.experts}, hidden={self.hidden}, intermediate={self.intermediate}"
+            shape = (
+                f"experts={self.experts}, hidden={self.hidden}, "
+                f"intermediate={self.intermediate}"
+            )
         return f"LayerEntry({self.kind} {self.name!r}, {self.scheme}, {shape})"
 
 

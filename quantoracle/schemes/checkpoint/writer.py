@@ -26,7 +26,7 @@ import signal
 import socket
 import threading
 import uuid
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -47,7 +47,12 @@ from quantoracle.errors import (
 from quantoracle.schemes import nvfp4
 from quantoracle.schemes.checkpoint import compressed_tensors, modelopt
 from quantoracle.schemes.checkpoint.config import matches
-from quantoracle.schemes.checkpoint.detect import CONFIG, HF_QUANT_CONFIG, model_directory, read_json
+from quantoracle.schemes.checkpoint.detect import (
+    CONFIG,
+    HF_QUANT_CONFIG,
+    model_directory,
+    read_json,
+)
 from quantoracle.schemes.checkpoint.layout import (
     EXPERT_MODULE,
     FORMATS,
@@ -178,7 +183,8 @@ class QuantizeSummary:
             if files:
                 lines.append(f"{label}: {', '.join(files)}")
         lines += [
-            f"removed {path}, left by a killed write to the same path" for path in self.removed_partials
+            f"removed {path}, left by a killed write to the same path"
+            for path in self.removed_partials
         ]
         return "\n".join(lines)
 
@@ -242,6 +248,10 @@ class _Pass:
         self.tensors, self.scheme, self.layout = tensors, scheme, LAYOUTS[format]
         renames = SAVED_NAMES.get((config or {}).get("model_type"), ())
         self.source = {reduce(lambda n, r: n.replace(*r), renames, n): n for n in tensors}
+        if isinstance(exclude, str):
+            raise SchemeError(
+                f"exclude={exclude!r} is one string; pass a sequence of patterns: ({exclude!r},)"
+            )
         self.exclude = (*DEFAULT_EXCLUDE, *exclude) if default_exclude else tuple(exclude)
         self.excluded: dict[str, str] = {}  # module written 16-bit -> the pattern that kept it
         self.bytes_read = 0
