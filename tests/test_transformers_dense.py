@@ -252,3 +252,12 @@ def test_checkpoint_layers_the_model_lacks_are_named(tmp_path):
     found = r"quantizes linear model\.layers\.1\.mlp\.down_proj that this model cannot take: .*\(Projection\)"
     with pytest.raises(UnsupportedModelError, match=found):
         load_nvfp4(other, checkpoint, progress=False)
+
+
+def test_exclude_modules_adds_to_the_defaults():
+    model = example.build_model(example.model_config("llama", "tiny", num_hidden_layers=1))
+    summary = quantize_model(copy.deepcopy(model), "w4a16_nvfp4", exclude_modules=("*.self_attn.*",), progress=False)
+    assert set(summary.untouched) == {"lm_head", *(f"model.layers.0.self_attn.{p}_proj" for p in "qkvo")}
+    alone = quantize_model(model, "w4a16_nvfp4", exclude_modules=("*.self_attn.*",), default_exclude=False,
+                           progress=False)
+    assert "lm_head" in {layer.name for layer in alone.replaced}

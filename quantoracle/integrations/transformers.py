@@ -52,7 +52,13 @@ from quantoracle.errors import (
 from quantoracle.layers import NVFP4FusedMoE, NVFP4Linear
 from quantoracle.oracle import Resolution
 from quantoracle.oracle.spec import LayerKind
-from quantoracle.schemes.checkpoint import DEFAULT_EXCLUDE, Checkpoint, LayerEntry, write_checkpoint
+from quantoracle.schemes.checkpoint import (
+    DEFAULT_EXCLUDE,
+    Checkpoint,
+    LayerEntry,
+    QuantizeSummary,
+    write_checkpoint,
+)
 from quantoracle.schemes.checkpoint.config import ActivationOverride, matches
 from quantoracle.schemes.checkpoint.layout import EXPERT_MODULE, Format
 from quantoracle.schemes.keys import NVFP4_WEIGHT
@@ -295,8 +301,15 @@ def _progress(items: Iterable[Any], enabled: bool, desc: str, unit: str) -> Iter
     return tqdm(items, desc=desc, unit=unit, disable=None if enabled else True, leave=False)
 
 
-def _excluded(name: str, exclude_modules: Iterable[str]) -> bool:
-    return any(matches(name, pattern) for pattern in exclude_modules)
+def _exclusions(exclude_modules: Iterable[str], default_exclude: bool) -> tuple[str, ...]:
+    """The module-name patterns left 16-bit: ``exclude_modules`` added to ``DEFAULT_EXCLUDE``
+    (``lm_head``, embeddings, routers), or alone with ``default_exclude=False``, as the
+    checkpoint writer reads its ``exclude``."""
+    return (*DEFAULT_EXCLUDE, *exclude_modules) if default_exclude else tuple(exclude_modules)
+
+
+def _excluded(name: str, patterns: Iterable[str]) -> bool:
+    return any(matches(name, pattern) for pattern in patterns)
 
 
 def _layer_options(name: str, scheme: Scheme, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -511,7 +524,8 @@ def quantize_model(
     scheme: Scheme | str,
     *,
     calibration_input_ids: torch.Tensor | Iterable[torch.Tensor] | None = None,
-    exclude_modules: tuple[str, ...] = DEFAULT_EXCLUDE,
+    exclude_modules: tuple[str, ...] = (),
+    default_exclude: bool = True,
     progress: bool = True,
     **resolve_options: Any,
 ) -> Summary:
@@ -521,8 +535,8 @@ def quantize_model(
 
     ``scheme``: ``"w4a16_nvfp4"`` or ``"w4a4_nvfp4"`` (or the :class:`Scheme`). W4A4 needs
     ``calibration_input_ids`` (see :func:`calibrate`), run on the 16-bit model first.
-    ``exclude_modules``: module-name globs left 16-bit (default: ``lm_head``, embeddings,
-    routers). ``progress``: a bar over the modules (and calibration batches), see the module
+    ``exclude_modules``: module-name globs left 16-bit in addition to ``DEFAULT_EXCLUDE``
+    (``lm_head``, embeddings, routers); ``default_exclude=False`` leaves only them. ``progress``: a bar over the modules (and calibration batches), see the module
     docstring. ``resolve_options`` (``force`` — a backend, or a mapping from module-name glob to
     backend —, ``exclude``, ``activation_fallback``, ``registry``) go to each layer's resolve.
     Raises SchemeError for another scheme or W4A4 without calibration input, CalibrationError
@@ -531,9 +545,10 @@ def quantize_model(
     _checked_model(model, "quantize_model")
     scheme = _checked_scheme(scheme, calibration_input_ids, "quantize_model")
     amax = {} if scheme.weight_only else calibrate(model, calibration_input_ids, progress=progress).modules
+    excluded = _exclusions(exclude_modules, default_exclude)
     replaced, untouched = [], []
     for target in _progress(_targets(model), progress, "quantize_model", "module"):
-        if _excluded(target.name, exclude_modules):
+        if _excluded(target.name, excluded):
             untouched.append(target.name)
             continue
         target.check()
@@ -568,15 +583,20 @@ def save_nvfp4(
     scheme: Scheme | str,
     *,
     calibration_input_ids: torch.Tensor | Iterable[torch.Tensor] | None = None,
-    exclude_modules: tuple[str, ...] = DEFAULT_EXCLUDE,
+    exclude_modules: tuple[str, ...] = (),
+    default_exclude: bool = True,
     format: Format = "modelopt",
     **write_options: Any,
-) -> Path:
+) -> QuantizeSummary:
     """Quantize the 16-bit ``model``'s weights where they are (a GPU quantizes large models in
     seconds) and write a checkpoint to ``dst_dir``: the tensors ``save_pretrained`` would write
     (its names, e.g. Mixtral's ``block_sparse_moe.experts.{e}.w1``; tied duplicates dropped),
     quantized by :func:`quantoracle.schemes.checkpoint.write_checkpoint` in ``format``, with
     ``config.json``. The result equals ``save_pretrained`` followed by ``quantize_checkpoint``.
+    Returns the writer's :class:`QuantizeSummary` (it stands for the checkpoint's path).
+    ``exclude_modules`` and ``default_exclude`` as for :func:`quantize_model` (matched against
+    the names ``save_pretrained`` writes, which are the model's for dense models and
+    Qwen-family MoE).
 
     W4A4 calibrates on ``calibration_input_ids`` first (see :func:`calibrate`).
     ``write_options`` (``max_shard_bytes``, ``progress``) go to ``write_checkpoint``; ``progress``
@@ -592,7 +612,7 @@ def save_nvfp4(
             f"{patched[0]} is already an NVFP4 module; save_nvfp4 quantizes a 16-bit model"
         )
     for target in _targets(model):
-        if not _excluded(target.name, exclude_modules):
+        if not _excluded(target.name, _exclusions(exclude_modules, default_exclude)):
             target.check()
     progress = write_options.get("progress", False)
     input_amax = None if scheme.weight_only else calibrate(model, calibration_input_ids, progress=progress).checkpoint
@@ -604,7 +624,8 @@ def save_nvfp4(
             state[key] = tensor
     return write_checkpoint(
         dst_dir, revert_weight_conversion(model, state), scheme, format=format,
-        exclude=exclude_modules, input_amax=input_amax, config=model.config.to_dict(),
+        exclude=exclude_modules, default_exclude=default_exclude, input_amax=input_amax,
+        config=model.config.to_dict(),
         **{"progress": False, **write_options},
     )
 
