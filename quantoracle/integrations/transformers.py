@@ -536,8 +536,9 @@ def quantize_model(
     ``scheme``: ``"w4a16_nvfp4"`` or ``"w4a4_nvfp4"`` (or the :class:`Scheme`). W4A4 needs
     ``calibration_input_ids`` (see :func:`calibrate`), run on the 16-bit model first.
     ``exclude_modules``: module-name globs left 16-bit in addition to ``DEFAULT_EXCLUDE``
-    (``lm_head``, embeddings, routers); ``default_exclude=False`` leaves only them. ``progress``: a bar over the modules (and calibration batches), see the module
-    docstring. ``resolve_options`` (``force`` — a backend, or a mapping from module-name glob to
+    (``lm_head``, embeddings, routers); ``default_exclude=False`` leaves only them.
+    ``progress``: a bar over the modules (and calibration batches), see the module docstring.
+    ``resolve_options`` (``force`` — a backend, or a mapping from module-name glob to
     backend —, ``exclude``, ``activation_fallback``, ``registry``) go to each layer's resolve.
     Raises SchemeError for another scheme or W4A4 without calibration input, CalibrationError
     for a module the calibration input never reached, UnsupportedModelError (see the class).
