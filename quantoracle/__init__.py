@@ -6,6 +6,7 @@
 - :mod:`quantoracle.layers`: ``torch.nn.Module`` front ends.
 """
 
+from quantoracle._version import __version__
 from quantoracle.errors import (
     CheckpointFormatError,
     NumericsError,
@@ -43,7 +44,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    *_schemes_all,
+    *_schemes_all, "__version__",
     "CheckpointFormatError", "Device", "ForcedBackendError", "NoBackendError", "NumericsError",
     "NVFP4FusedMoE", "NVFP4Linear", "ParallelConfig", "Plan", "PluginError", "Problem", "ProblemError",
     "QuantoracleError", "Resolution", "SchemeError", "load_checkpoint", "plan", "resolve",

@@ -7,6 +7,8 @@ it will run. ``module.resolution`` says which backend runs it and why.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any
 
 import torch
@@ -14,13 +16,17 @@ import torch.distributed as dist
 from torch import nn
 
 from quantoracle import layer_inputs
+from quantoracle import verify as numerics
 from quantoracle.errors import CheckpointFormatError, ProblemError
-from quantoracle.oracle import Device, ParallelConfig, Problem, Resolution, resolve
-from quantoracle.oracle.engine import ActivationFallback
-from quantoracle.oracle.registry import Registry
+from quantoracle.oracle import Device, ParallelConfig, Plan, Problem, Resolution, plan
+from quantoracle.oracle.engine import ActivationFallback, LayoutPolicy
+from quantoracle.oracle.quarantine import add_runtime_entry
+from quantoracle.oracle.registry import Registry, default_registry
 from quantoracle.schemes.checkpoint import Checkpoint, LayerEntry
 from quantoracle.schemes.scheme import W4A16_NVFP4, Scheme
 from quantoracle.schemes.tensors import MoEWeights, NVFP4Tensor
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -33,22 +39,106 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 class _ResolvedLayer(nn.Module):
-    resolution: Resolution
+    """What both layers share: plan once on the weights' device, prepare one copy per layout
+    the plan holds, check numerics on first use, then pick the bucket from each call's token
+    count (a shape, known on the host: no synchronization; a CUDA graph captures one bucket)."""
+
+    plan: Plan
 
     def _setup(self, weights: Any, problem: Problem, options: dict[str, Any], name: str | None) -> None:
         _check_group(problem, self.group)
         self.layer_name = name
         self.weight_bytes = weights.nbytes
-        self.resolution = _resolve(problem, options)
-        self.prepared = self.resolution.backend.prepare(weights, self.resolution.effective_problem)
+        self._options = options
+        self.verification: tuple[numerics.Check, ...] = ()
+        policy = numerics.policy(options.get("verify"))
+        while True:
+            self._prepare(weights, problem)
+            if policy == "off" or not self._check(weights, policy):
+                break
+
+    def _prepare(self, weights: Any, problem: Problem) -> None:
+        self.plan = _plan(problem, self._options)
+        prepared: dict[tuple[str, str], Any] = {}
+        dispatch = []
+        for bucket in self.plan.buckets:
+            res = bucket.resolution
+            key = (res.layout, res.scheme.name)
+            if key not in prepared:
+                prepared[key] = res.backend.prepare(weights, res.effective_problem)
+            dispatch.append((bucket.max_tokens, res, prepared[key]))
+        self._dispatch = tuple(dispatch)
+        self._prepared = prepared
+
+    def _check(self, weights: Any, policy: str) -> bool:
+        """Probe every bucket served by a backend other than ``reference``; on a failure,
+        quarantine it (``"first_use"``; returns True: prepare again) or raise (``"strict"``)."""
+        device = weights.down.packed.device if isinstance(weights, MoEWeights) else weights.packed.device
+        registry = self._options.get("registry") or default_registry()
+        starts = [b.min_tokens for b in self.plan.buckets]
+        failures = [c for c in self.verification if not c.passed]  # from earlier rounds
+        checks = []
+        for tokens in numerics.probe_tokens(starts):
+            res, prepared = self._serve(tokens)
+            if res.name == "reference":
+                continue
+            tolerance = numerics.tolerance(res, registry)
+            error, seconds = numerics.timed(numerics.run_probe, res, prepared, weights, tokens, device, self.dtype)
+            passed = error <= tolerance
+            check = numerics.Check(res.label, tokens, error, tolerance, passed, seconds)
+            if not passed:
+                if policy == "strict":
+                    raise numerics.failure_error(check, res)
+                add_runtime_entry(numerics.quarantine_entry(res, check))
+                log.warning("%s: %s; quarantined for this process, planning again", self.layer_name or "layer",
+                            check.describe())
+                self.verification = (*failures, check)
+                return True
+            checks.append(check)
+        replaced = [dataclasses.replace(c, replaced_by=self.plan.at(c.tokens).label) for c in failures]
+        self.verification = (*replaced, *checks)
+        return False
+
+    def _serve(self, tokens: int) -> tuple[Resolution, Any]:
+        for max_tokens, res, prepared in self._dispatch:
+            if max_tokens is None or tokens <= max_tokens:
+                return res, prepared
+        raise AssertionError("a plan covers every token count")  # pragma: no cover
+
+    @property
+    def resolution(self) -> Resolution:
+        """The resolution of the plan's first bucket (the smallest batches); ``.plan`` has all."""
+        return self.plan.first
 
     @property
     def backend(self) -> str:
+        """The first bucket's backend; ``backends`` lists every bucket's candidate."""
         return self.resolution.name
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return tuple(b.resolution.label for b in self.plan.buckets)
+
+    @property
+    def prepared(self) -> Any:
+        """The prepared weights of the first bucket's layout."""
+        return self._dispatch[0][2]
+
+    @property
+    def prepared_bytes(self) -> dict[str, int]:
+        """Bytes held per weight layout (tensors reachable from each prepared state)."""
+        held: dict[str, int] = {}
+        for (layout, _), state in self._prepared.items():
+            held[layout] = held.get(layout, 0) + _tensor_bytes(state)
+        return held
 
     def _describe(self) -> str:
         res = self.resolution
-        text = f"scheme={res.problem.scheme}, backend={res.name}"
+        text = f"scheme={res.problem.scheme}, "
+        if len(self.plan.buckets) == 1:
+            text += f"backend={res.label}"
+        else:
+            text += "plan=" + " ".join(f"{b.range}:{b.resolution.label}" for b in self.plan.buckets)
         if res.fallback:
             text += f", fallback={res.fallback}"
         if res.problem.parallel != ParallelConfig():
@@ -56,11 +146,34 @@ class _ResolvedLayer(nn.Module):
         return text
 
 
-_RESOLVE_OPTIONS = ("force", "exclude", "activation_fallback", "registry")
+def _tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of the distinct tensors reachable from ``obj`` (attributes, tuples, lists, dicts)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        key = obj.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    fields = getattr(obj, "__dict__", None) or {f: getattr(obj, f) for f in getattr(obj, "__slots__", ())}
+    return sum(_tensor_bytes(v, seen) for v in fields.values()) if fields else 0
 
 
-def _resolve(problem: Problem, options: dict[str, Any]) -> Resolution:
-    return resolve(problem, **{key: options[key] for key in _RESOLVE_OPTIONS if key in options})
+_RESOLVE_OPTIONS = ("force", "exclude", "activation_fallback", "registry", "layouts", "quarantine", "tuning",
+                    "allow_quarantined")
+
+
+def _plan(problem: Problem, options: dict[str, Any]) -> Plan:
+    return plan(problem, **{key: options[key] for key in _RESOLVE_OPTIONS if key in options})
+
+
+def _resolve(problem: Problem, options: dict[str, Any]) -> Plan:
+    """Plan before reading a checkpoint: a problem no backend serves is explained, not half-read."""
+    return _plan(problem, options)
 
 
 def _linear_problem(scheme: Scheme, device: Any, dtype: torch.dtype, n: int, k: int,
@@ -121,8 +234,11 @@ class NVFP4Linear(_ResolvedLayer):
     - row-parallel: the full input, of which the layer takes its K slice, or with
       ``input_is_parallel=True`` that slice itself ``[..., K/tp]``; partial sums all-reduced.
 
-    ``bias`` is that of the returned output. Resolution options (``force``, ``exclude``,
-    ``activation_fallback``, ``registry``) pass through to :func:`quantoracle.resolve`.
+    ``bias`` is that of the returned output. Planning options (``force``, ``exclude``,
+    ``activation_fallback``, ``layouts``, ``tuning``, ``quarantine``, ``allow_quarantined``,
+    ``registry``) pass through to :func:`quantoracle.plan`; ``verify`` is the numerics check's
+    policy (:mod:`quantoracle.verify`). Each call runs the plan's bucket for its token count
+    (the rows of ``x``); ``.plan`` shows the buckets, ``.verification`` the checks made.
     """
 
     def __init__(
@@ -137,6 +253,11 @@ class NVFP4Linear(_ResolvedLayer):
         force: str | None = None,
         exclude: tuple[str, ...] = (),
         activation_fallback: ActivationFallback = "weight_only",
+        layouts: LayoutPolicy = "one",
+        tuning: str | None = None,
+        quarantine: str | None = None,
+        allow_quarantined: bool = False,
+        verify: numerics.VerifyPolicy | None = None,
         registry: Registry | None = None,
         name: str | None = None,
         gather_output: bool = True,
@@ -156,7 +277,9 @@ class NVFP4Linear(_ResolvedLayer):
         problem = _linear_problem(scheme, weight.packed.device, dtype, n, k, parallel)
         self.in_features, self.out_features, self.dtype, self.group = k, n, dtype, group
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
-        options = dict(force=force, exclude=exclude, activation_fallback=activation_fallback, registry=registry)
+        options = dict(force=force, exclude=exclude, activation_fallback=activation_fallback, layouts=layouts,
+                       tuning=tuning, quarantine=quarantine, allow_quarantined=allow_quarantined, verify=verify,
+                       registry=registry)
         self._setup(weight, problem, options, name)
 
     @classmethod
@@ -212,7 +335,8 @@ class NVFP4Linear(_ResolvedLayer):
         if p.tp_size > 1 and p.tp_dim == "row" and not self.input_is_parallel:
             shard = self.in_features // p.tp_size
             x = x[..., p.tp_rank * shard : (p.tp_rank + 1) * shard]
-        y = self.resolution.backend.apply(self.prepared, x.to(self.dtype))
+        res, prepared = self._serve(x.numel() // x.shape[-1] if x.shape[-1] else 0)
+        y = res.backend.apply(prepared, x.to(self.dtype), variant=res.variant)
         if p.tp_size > 1 and p.tp_dim == "row":
             y = _all_reduce(y.contiguous(), self.group)
         elif p.tp_size > 1 and self.gather_output:
@@ -251,6 +375,11 @@ class NVFP4FusedMoE(_ResolvedLayer):
         force: str | None = None,
         exclude: tuple[str, ...] = (),
         activation_fallback: ActivationFallback = "weight_only",
+        layouts: LayoutPolicy = "one",
+        tuning: str | None = None,
+        quarantine: str | None = None,
+        allow_quarantined: bool = False,
+        verify: numerics.VerifyPolicy | None = None,
         registry: Registry | None = None,
         name: str | None = None,
     ) -> None:
@@ -260,7 +389,9 @@ class NVFP4FusedMoE(_ResolvedLayer):
                                weights.intermediate * parallel.tp_size, top_k, activation, parallel)
         self.num_experts, self.top_k, self.renormalize = experts, top_k, renormalize
         self.dtype, self.group = dtype, group
-        options = dict(force=force, exclude=exclude, activation_fallback=activation_fallback, registry=registry)
+        options = dict(force=force, exclude=exclude, activation_fallback=activation_fallback, layouts=layouts,
+                       tuning=tuning, quarantine=quarantine, allow_quarantined=allow_quarantined, verify=verify,
+                       registry=registry)
         self._setup(weights, problem, options, name)
 
     @classmethod
@@ -335,7 +466,8 @@ class NVFP4FusedMoE(_ResolvedLayer):
     def forward_routed(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """The experts alone: ``x[M, H]``, ``topk_weights[M, k]``, global ``topk_ids[M, k]``."""
         layer_inputs.check_routed_input(self, x, topk_weights, topk_ids)
-        y = self.resolution.backend.apply(self.prepared, x.to(self.dtype), topk_weights, topk_ids)
+        res, prepared = self._serve(x.shape[0])
+        y = res.backend.apply(prepared, x.to(self.dtype), topk_weights, topk_ids, variant=res.variant)
         p = self.resolution.problem.parallel
         if p.tp_size * p.ep_size > 1:
             y = _all_reduce(y, self.group)

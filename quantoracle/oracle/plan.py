@@ -182,16 +182,18 @@ def _plan(registry: Registry, generation: int, problem: Problem, force: str | No
         free = segments(None)
         chosen = free
         if layouts == "one" and len({r.layout for r in free}) > 1:
-            chosen = _one_layout(free, segments)
+            chosen = _one_layout(free, segments, registry, problem)
     except (NoBackendError, UnknownBackendError) as err:
         return err
     return Plan(problem, _join(starts, chosen), layouts)
 
 
-def _one_layout(free: list[Resolution], segments) -> list[Resolution]:
+def _one_layout(free: list[Resolution], segments, registry: Registry, problem: Problem) -> list[Resolution]:
     """The fastest plan that holds one layout (see the module docstring)."""
     options: list[tuple[float, int, str, list[Resolution]]] = []
-    names = dict.fromkeys([free[0].layout] + sorted({r.layout for r in free}))
+    layout_of = {label: c.spec.layout_name for label, c in candidates(registry, problem.kind).items()}
+    survivors = {layout_of.get(label, label) for r in free for label in r.survivors}
+    names = dict.fromkeys([free[0].layout] + sorted(survivors))
     for rank, layout in enumerate(names):
         try:
             restricted = segments(frozenset({layout}))

@@ -5,6 +5,7 @@ was found, what the backend accepts, and a sentence for the user. All rules alwa
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -105,9 +106,9 @@ def activation_scheme(spec: BackendSpec, p: Problem, ctx: Context) -> RuleFailur
         return None
     found = describe_activation(p.scheme.activation)
     if matching:
-        return _fail("activation_scheme", found, "emulation, allowed with activation_fallback='emulate'",
+        return _fail("activation_scheme", found, "emulation, allowed by the activation fallback 'emulate'",
                      f"activation key {found}: this backend only emulates it (exact numerics, "
-                     "16-bit arithmetic); pass activation_fallback='emulate' to allow that")
+                     "16-bit arithmetic); the activation fallback 'emulate' allows that")
     accepted = " or ".join(sorted({_activation_accepted(s, ctx) for s in same_weight}))
     kind = "W4A4" if all(s.activation is not None for s in same_weight) else "these"
     return _fail("activation_scheme", found, accepted,
@@ -160,7 +161,7 @@ def block_alignment(spec: BackendSpec, p: Problem, ctx: Context) -> RuleFailure 
 def shape(spec: BackendSpec, p: Problem, ctx: Context) -> RuleFailure | None:
     dims = {"n": (p.local_n, spec.n_multiple_of), "k": (p.local_k, spec.k_multiple_of)}
     if p.kind == "moe":  # down's K is the intermediate shard
-        dims["n"] = (p.local_n, max(spec.n_multiple_of, spec.k_multiple_of))
+        dims["n"] = (p.local_n, math.lcm(spec.n_multiple_of, spec.k_multiple_of))
     bad = [(d, v, m) for d, (v, m) in dims.items() if v % m]
     if bad:
         text = "; ".join(f"{d}={v} (per shard) is not a multiple of {m}" for d, v, m in bad)
@@ -234,8 +235,8 @@ def quarantined(spec: BackendSpec, p: Problem, ctx: Context) -> RuleFailure | No
         e = hits[0]
         link = f" ({e.link})" if e.link else ""
         return _fail("quarantined", e.describe(), "no quarantine entry",
-                     f"quarantined by {e.source}: {e.reason}{link}; pass allow_quarantined=True "
-                     "(--allow-quarantined) to use it anyway")
+                     f"quarantined by {e.source}: {e.reason}{link}; allowing quarantined backends "
+                     "(allow_quarantined=True, --allow-quarantined) uses it anyway")
     return None
 
 
