@@ -111,6 +111,11 @@ class OptionError(QuantoracleError, ValueError):
     an unknown ``activation_fallback``, ``tokens=0``."""
 
 
+class NumericsCheckError(QuantoracleError):
+    """The numerics check (``verify="strict"``) found a backend's output too far from the exact
+    reference, or not finite. The message names the backend, token count, error and tolerance."""
+
+
 class CheckpointPathError(CheckpointFormatError):
     """A path given as a checkpoint or model directory is none: it does not exist (a Hugging Face
     hub id is not downloaded), it is a file, or it holds no config.json. The message names the
