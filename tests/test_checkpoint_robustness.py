@@ -66,10 +66,11 @@ def partials(out: Path) -> list[Path]:
 # ---- item 5: killed writes ----
 
 # A writer in a child process that stops in the middle of the write (while its partial directory
-# exists) until a signal arrives: a Mapping of tensors whose reads wait then, not a sleep.
+# exists) until a signal ends it: a Mapping of tensors whose reads then idle in short sleeps
+# (signal.pause() could miss a signal that arrives just before it), so nothing is timed.
 CHILD = textwrap.dedent(
     """
-    import signal, sys
+    import sys, time
     from pathlib import Path
     import torch
     from quantoracle.schemes.checkpoint import write_checkpoint
@@ -80,7 +81,8 @@ CHILD = textwrap.dedent(
         def __getitem__(self, name):
             if list(out.parent.glob(f".{out.name}.partial-*")):
                 print("writing", flush=True)
-                signal.pause()
+                while True:
+                    time.sleep(0.01)
             return super().__getitem__(name)
 
     tensors = HeldTensors({"model.layers.0.mlp.up_proj.weight": torch.ones(32, 32).bfloat16()})
