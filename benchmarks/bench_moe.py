@@ -12,6 +12,14 @@ The bf16 baseline is the same MoE structure in torch: sort pairs by expert, ``to
 ``index_add_`` over top-k: no host synchronization, graph-captured like ours.
 
     python benchmarks/bench_moe.py --out DIR [--tune] [--shapes 256,2048,512,8] [--ms 1,16]
+    python benchmarks/bench_moe.py --out DIR --variants [--sweep 1,4,16]
+
+``--variants``: the paths side by side in one process (no bf16 baseline): "old" (the sorted
+path with the single-program sort, i.e. the previous default), "sorted" (multi-program sort
+from 2048 pairs), "unsorted", and "auto" (``variant=None``); each checked against the reference
+at every M with poisoned outputs, then timed (CUDA graph, rotating routings). ``--sweep``:
+first time the unsorted path's tile and split candidates at these M and keep the fastest per
+shape (printed as ``configs.PAIRS`` entries), then the side-by-side run uses them.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from _common import (
     write_json,
 )
 from quantoracle.backends.reference.moe import fused_moe as reference_moe
+from quantoracle.backends.triton_nvfp4 import align as align_module
 from quantoracle.backends.triton_nvfp4 import configs
 from quantoracle.backends.triton_nvfp4.configs import MoEConfig, Tile
 from quantoracle.backends.triton_nvfp4.moe import fused_moe, prepare_moe
@@ -140,15 +149,154 @@ def kernel_breakdown(fn, reps: int = 5) -> dict[str, float]:
         return {"error": repr(exc)[:200]}
 
 
+def _poison() -> None:
+    """Fill the caching allocator's free blocks with NaN, so that the outputs and intermediates
+    the next call allocates start as NaN (an unwritten element shows up in the check)."""
+    free = torch.cuda.mem_get_info()[0]
+    block = torch.empty(min(free // 4, 8 << 30) // 2, dtype=torch.bfloat16, device="cuda")
+    block.fill_(float("nan"))
+    del block
+    for size in (1 << 12, 1 << 16, 1 << 19):  # the small pool too
+        blocks = [torch.full((size // 2,), float("nan"), dtype=torch.bfloat16, device="cuda")
+                  for _ in range(16)]
+        del blocks
+
+
+def _variant_call(name: str, prepared, x, route):
+    """One fused-MoE call of path ``name`` ("old": sorted, single-program sort)."""
+    if name == "old":
+        saved = align_module._PAIRS_PER_PROGRAM
+        align_module._PAIRS_PER_PROGRAM = 1 << 40
+        try:
+            return fused_moe(x, prepared, *route, variant="sorted")
+        finally:
+            align_module._PAIRS_PER_PROGRAM = saved
+    return fused_moe(x, prepared, *route, variant=None if name == "auto" else name)
+
+
+PAIR_UP_TILES = [Tile(64, 4, 4, 0), Tile(32, 2, 4, 0), Tile(128, 4, 4, 0), Tile(128, 4, 4, 1),
+                 Tile(32, 2, 4, 1)]
+PAIR_DOWN_TILES = [Tile(64, 4, 4, 0), Tile(32, 2, 4, 0), Tile(128, 4, 4, 0), Tile(64, 8, 4, 0)]
+PAIR_TARGETS = [132, 264, 528, 1056]
+
+
+def sweep_pairs(shape, prepared, xs, routes_by_m, log) -> None:
+    """Coordinate descent over the unsorted path's config (gate/up tile, down tile; split 0 =
+    by rule), then the rule's target, scored by the sum over the swept M of the graph times;
+    keeps the best tiles in ``configs.PAIRS[shape]`` and logs the best target (the target is
+    a global, left as it is)."""
+    def score(cfg) -> float:
+        configs.PAIRS[shape] = cfg
+        total = 0.0
+        for m, routes in routes_by_m.items():
+            calls = [lambda x=x, r=r: fused_moe(x, prepared, *r, variant="unsorted")
+                     for x, r in zip(xs[m], routes)]
+            try:
+                us = graph_time_us(calls, target_s=0.05, max_reps=20)
+            except Exception as exc:
+                log.append({"shape": list(shape), "cfg": repr(cfg), "error": repr(exc)[:200]})
+                return float("inf")
+            log.append({"shape": list(shape), "m": m, "cfg": repr(cfg), "us": us})
+            total += us
+        return total
+
+    best = configs.PAIRS.get(shape, configs.PAIRS["default"])
+    best_score = score(best)
+    for up in PAIR_UP_TILES:
+        cfg = configs.PairConfig(up, best.down)
+        if cfg != best and (sc := score(cfg)) < best_score:
+            best, best_score = cfg, sc
+    for down in PAIR_DOWN_TILES:
+        cfg = configs.PairConfig(best.up, down)
+        if cfg != best and (sc := score(cfg)) < best_score:
+            best, best_score = cfg, sc
+    saved = configs.PAIR_TARGET_PROGRAMS
+    best_target = saved
+    for target in PAIR_TARGETS:
+        configs.PAIR_TARGET_PROGRAMS = target
+        if target != saved and (sc := score(best)) < best_score:
+            best_score, best_target = sc, target
+    configs.PAIR_TARGET_PROGRAMS = saved
+    configs.PAIRS[shape] = best
+    log.append({"shape": list(shape), "best": repr(best), "best_target": best_target,
+                "best_score_us": best_score})
+    print(f"sweep {shape}: {best} target {best_target} ({best_score:.1f} us summed)", flush=True)
+
+
+def compare_variants(args, shapes, ms) -> None:
+    info = device_info()
+    bandwidth = copy_bandwidth()
+    print(f"{info['device']}: copy {bandwidth / 1e12:.2f} TB/s", flush=True)
+    names = ["old", "sorted", "unsorted", "auto"]
+    sweep_ms = [int(v) for v in args.sweep.split(",")] if args.sweep else []
+    results, log = [], []
+    for shape in shapes:
+        experts, hidden, inter, top_k = shape
+        weights = MoEWeights(random_nvfp4((experts,), 2 * inter, hidden, 2, seed=1),
+                             random_nvfp4((experts,), hidden, inter, 1, seed=2))
+        prepared = prepare_moe(weights)
+        expert_bytes = 3 * inter * hidden * 4.5 / 8
+        g = torch.Generator(device="cuda").manual_seed(0)
+        routes_by_m, xs_by_m = {}, {}
+        for m in ms:
+            touched_guess = min(experts, m * top_k) * expert_bytes
+            rotations = max(2, min(32, math.ceil(4 * info["l2_bytes"] / touched_guess)))
+            routes_by_m[m] = [routing(m, experts, top_k, g) for _ in range(rotations)]
+            xs_by_m[m] = [torch.randn(m, hidden, dtype=torch.bfloat16, device="cuda")
+                          for _ in range(rotations)]
+        if sweep_ms:
+            sweep_pairs(shape, prepared, xs_by_m, {m: routes_by_m[m] for m in sweep_ms}, log)
+        for m in ms:
+            routes, xs = routes_by_m[m], xs_by_m[m]
+            # fresh inputs for the check (not the timing rotations)
+            check_route = routing(m, experts, top_k, g)
+            check_x = torch.randn(m, hidden, dtype=torch.bfloat16, device="cuda")
+            ref = reference_moe(check_x, weights, *check_route)
+            row = {"shape": list(shape), "m": m, "err": {}, "us": {}}
+            for name in names:
+                _poison()
+                out = _variant_call(name, prepared, check_x, check_route)
+                torch.cuda.synchronize()
+                finite = bool(torch.isfinite(out).all())
+                err = rel_err(out, ref)
+                row["err"][name] = err
+                assert finite and err < 1e-2, f"{shape} M={m} {name}: err {err:.2e} finite {finite}"
+            for name in names:
+                calls = [lambda x=x, r=r, name=name: _variant_call(name, prepared, x, r)
+                         for x, r in zip(xs, routes)]
+                row["us"][name] = graph_time_us(calls, target_s=0.1, max_reps=30)
+            touched = sum(torch.unique(r[1]).numel() for r in routes) / len(routes) * expert_bytes
+            row["floor_us"] = touched / bandwidth * 1e6
+            row["auto_variant"] = configs.moe_variant(m, experts, top_k)
+            results.append(row)
+            print(f"{shape} M={m}: " + "  ".join(
+                f"{n} {row['us'][n]:.1f}" for n in names) + f"  floor {row['floor_us']:.1f}"
+                f"  err {max(row['err'].values()):.1e}", flush=True)
+            write_json(args.out, "bench_moe_variants.json",
+                       {"info": info, "copy_bandwidth": bandwidth, "results": results,
+                        "sweep": log, "pairs": {str(k): repr(v) for k, v in configs.PAIRS.items()}})
+        del prepared, weights
+        torch.cuda.empty_cache()
+    headers = ["shape", "M", "floor"] + names + ["best/old"]
+    print(fmt_table(headers, [
+        [",".join(map(str, r["shape"])), r["m"], r["floor_us"]] + [r["us"][n] for n in names]
+        + [r["us"]["old"] / min(r["us"][n] for n in names[1:])] for r in results]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--tune", action="store_true")
     parser.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in SHAPES))
     parser.add_argument("--ms", default=",".join(map(str, MS)))
+    parser.add_argument("--variants", action="store_true")
+    parser.add_argument("--sweep", default="")
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
     ms = [int(v) for v in args.ms.split(",")]
+    if args.variants:
+        compare_variants(args, shapes, ms)
+        return
 
     info = device_info()
     bandwidth, rate = copy_bandwidth(), matmul_rate()

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from quantoracle.backends.reference import linear as reference_linear
 from quantoracle.backends.reference import moe as reference_moe
-from quantoracle.backends.triton_nvfp4 import align, configs, gemm, layout, moe
+from quantoracle.backends.triton_nvfp4 import CONSTRAINTS, align, configs, gemm, layout, moe
 from quantoracle.errors import NumericsError
 from quantoracle.schemes import nvfp4
 from quantoracle.schemes.tensors import MoEWeights, NVFP4Tensor
@@ -123,13 +123,15 @@ def test_relayout_rejects_nan_scales():
 # ----------------------------------------------------------------------------- align
 
 
+@pytest.mark.parametrize("programs", [None, 3])  # 3: the multi-program sort on small inputs
 @pytest.mark.parametrize("m, top_k, experts, first, block_m", [
     (5, 2, 4, 0, 16), (33, 3, 6, 2, 16), (1, 8, 16, 0, 16), (70, 4, 8, 3, 32),
+    (45, 4, 5, 1, 64),
 ])
-def test_align_groups_local_pairs_by_expert(m, top_k, experts, first, block_m):
+def test_align_groups_local_pairs_by_expert(m, top_k, experts, first, block_m, programs):
     g = torch.Generator().manual_seed(m)
     ids = torch.randint(0, experts + 4, (m, top_k), generator=g).to(DEVICE)
-    routing = align.align(ids, experts, first, block_m)
+    routing = align.align(ids, experts, first, block_m, programs=programs)
     assert routing.blocks == align.max_blocks(m * top_k, experts, block_m)
     ends = routing.block_ends.cpu()
     used = int(ends[-1])
@@ -143,6 +145,15 @@ def test_align_groups_local_pairs_by_expert(m, top_k, experts, first, block_m):
             seen.append(pair)
     local = ((flat >= 0) & (flat < experts)).nonzero().flatten().tolist()
     assert sorted(seen) == local
+    # every slot of a used block holds a pair of its expert or the sentinel
+    assert ((routing.sorted_pairs.cpu()[:used * block_m] <= m * top_k)
+            & (routing.sorted_pairs.cpu()[:used * block_m] >= 0)).all()
+
+
+def test_sort_programs_grow_with_pairs_and_stay_bounded():
+    assert align.sort_programs(8, 256) == 1 and align.sort_programs(2048, 256) == 2
+    assert align.sort_programs(32768, 256) == 32 and align.sort_programs(32768, 128) == 32
+    assert align.sort_programs(1 << 20, 256) == 64 and align.sort_programs(1 << 20, 8) == 1024
 
 
 @triton.jit
@@ -301,22 +312,68 @@ def _routing(m: int, top_k: int, id_range: int, seed: int):
     return torch.rand(m, top_k, generator=g), ids
 
 
+@pytest.mark.parametrize("variant", ["sorted", "unsorted"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m, experts, hidden, inter, top_k, first, id_range, activation", [
     (5, 4, 144, 48, 2, 0, 4, "silu"),  # K = 16 * 9 and 16 * 3: padded chunks
-    (19, 6, 256, 128, 3, 2, 12, "silu"),  # non-local ids on both sides, idle experts
+    (11, 6, 256, 128, 3, 2, 12, "silu"),  # non-local ids on both sides, idle experts
     (9, 3, 128, 80, 2, 1, 5, "gelu"),
+    (2, 24, 48, 32, 17, 0, 24, "silu"),  # top_k 17: 32 slot columns in the down dot
 ])
 def test_fused_moe_matches_reference(m, experts, hidden, inter, top_k, first, id_range,
-                                     activation, dtype):
+                                     activation, dtype, variant):
     weights = _moe_weights(experts, hidden, inter, first, False)
     x = _activations(m, hidden, dtype, seed=m)
     topk_weights, topk_ids = _routing(m, top_k, id_range, seed=m)
     prepared = moe.prepare_moe(weights.to(DEVICE))
     out = moe.fused_moe(x.to(DEVICE), prepared, topk_weights.to(DEVICE), topk_ids.to(DEVICE),
-                        activation=activation)
+                        activation=activation, variant=variant)
     ref = reference_moe.fused_moe(x.float(), weights, topk_weights, topk_ids, activation=activation)
     _close(out.cpu(), ref, dtype)
+
+
+@pytest.mark.parametrize("up, down", [((128, 4, 4, 3), (128, 4, 4, 1)),  # gate/up K: 3 slices
+                                      ((128, 4, 4, 1), (64, 4, 4, 2)),  # down: slot by slot
+                                      ((64, 2, 3, 2), (128, 4, 4, 3)),  # both
+                                      ((128, 4, 4, 1), (64, 4, 4, 5))])  # down: across slots
+def test_fused_moe_unsorted_split_k(monkeypatch, up, down):
+    """The unsorted path's slices (H = I = 272: three chunks, the last one ragged; gate/up
+    slices of K, down slices of the 2 slots x 3 chunks iterations, some crossing from one
+    slot to the next) meet in the last program to arrive; ragged row tiles; counters left at
+    zero; deterministic."""
+    weights = _moe_weights(5, 272, 272, 1, False)
+    x = _activations(3, 272, torch.float16, seed=4)
+    topk_weights, topk_ids = _routing(3, 2, 7, seed=4)
+    cfg = configs.PairConfig(configs.Tile(*up), configs.Tile(*down))
+    monkeypatch.setitem(configs.PAIRS, (5, 272, 272, 2), cfg)
+    prepared = moe.prepare_moe(weights.to(DEVICE))
+    out = moe.fused_moe(x.to(DEVICE), prepared, topk_weights.to(DEVICE), topk_ids.to(DEVICE),
+                        variant="unsorted")
+    ref = reference_moe.fused_moe(x.float(), weights, topk_weights, topk_ids)
+    _close(out.cpu(), ref, torch.float16)
+    assert not prepared.counters.any()
+    again = moe.fused_moe(x.to(DEVICE), prepared, topk_weights.to(DEVICE), topk_ids.to(DEVICE),
+                          variant="unsorted")
+    assert torch.equal(out, again)  # deterministic: slices added in a fixed order
+
+
+def test_fused_moe_sorted_with_the_multi_program_sort(monkeypatch):
+    monkeypatch.setattr(align, "_PAIRS_PER_PROGRAM", 8)  # 33 pairs: 5 programs
+    weights = _moe_weights(6, 128, 48, 1, False)
+    x = _activations(11, 128, torch.float16, seed=11)
+    topk_weights, topk_ids = _routing(11, 3, 8, seed=11)
+    out = moe.fused_moe(x.to(DEVICE), moe.prepare_moe(weights.to(DEVICE)),
+                        topk_weights.to(DEVICE), topk_ids.to(DEVICE), variant="sorted")
+    ref = reference_moe.fused_moe(x.float(), weights, topk_weights, topk_ids)
+    _close(out.cpu(), ref, torch.float16)
+
+
+def test_moe_variant_rule_and_names(monkeypatch):
+    monkeypatch.setattr(configs, "UNSORTED_MAX_PAIRS_PER_EXPERT", 0.25)  # vLLM's rule
+    assert configs.moe_variant(8, 256, 8) == "unsorted"
+    assert configs.moe_variant(9, 256, 8) == "sorted"
+    assert configs.moe_variant(4096, 256, 8) == "sorted"
+    assert set(configs.MOE_VARIANTS) == {v for v, _ in CONSTRAINTS.moe_variants}
 
 
 def test_fused_moe_down_split_k(monkeypatch):
@@ -332,23 +389,27 @@ def test_fused_moe_down_split_k(monkeypatch):
     _close(out.cpu(), ref, torch.float16)
 
 
-def test_fused_moe_w4a4_emulation():
+@pytest.mark.parametrize("variant", ["sorted", "unsorted"])
+def test_fused_moe_w4a4_emulation(variant):
+    m = 7 if variant == "sorted" else 3  # the interpreter runs the unsorted path slowly
     weights = _moe_weights(4, 144, 48, 0, True)
-    x = _activations(7, 144, torch.float16, seed=7)
-    topk_weights, topk_ids = _routing(7, 2, 4, seed=7)
+    x = _activations(m, 144, torch.float16, seed=7)
+    topk_weights, topk_ids = _routing(m, 2, 4, seed=7)
     out = moe.fused_moe(x.to(DEVICE), moe.prepare_moe(weights.to(DEVICE)),
-                        topk_weights.to(DEVICE), topk_ids.to(DEVICE), quantize_activations=True)
+                        topk_weights.to(DEVICE), topk_ids.to(DEVICE), quantize_activations=True,
+                        variant=variant)
     ref = reference_moe.fused_moe(x.float(), weights, topk_weights, topk_ids,
                                   quantize_activations=True)
     _close(out.cpu(), ref, torch.float16)
 
 
-def test_fused_moe_with_no_local_tokens_is_zero():
+@pytest.mark.parametrize("variant", ["sorted", "unsorted"])
+def test_fused_moe_with_no_local_tokens_is_zero(variant):
     weights = _moe_weights(2, 128, 32, 4, False)
     x = _activations(3, 128, torch.float16, seed=1).to(DEVICE)
     ids = torch.tensor([[0, 1], [2, 3], [6, 7]], device=DEVICE)
     prepared = moe.prepare_moe(weights.to(DEVICE))
-    out = moe.fused_moe(x, prepared, torch.ones(3, 2, device=DEVICE), ids)
+    out = moe.fused_moe(x, prepared, torch.ones(3, 2, device=DEVICE), ids, variant=variant)
     assert torch.equal(out, torch.zeros_like(out))
 
 
@@ -362,26 +423,35 @@ def test_fused_moe_rejects_bad_inputs():
         moe.fused_moe(x, prepared, ids.float(), ids, quantize_activations=True)
     with pytest.raises(NumericsError, match=r"\[M, k\]"):
         moe.fused_moe(x, prepared, ids.float()[:1], ids[:1])
+    with pytest.raises(NumericsError, match="variant"):
+        moe.fused_moe(x, prepared, ids.float(), ids, variant="fast")
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
-def test_fused_moe_is_cuda_graph_capturable():
-    weights = _moe_weights(8, 256, 128, 0, False).to(DEVICE)
+@pytest.mark.parametrize("variant, programs", [("sorted", None), ("sorted", 3),
+                                               ("unsorted", None)])
+def test_fused_moe_is_cuda_graph_capturable(variant, programs, monkeypatch):
+    monkeypatch.setattr(align, "_PAIRS_PER_PROGRAM", 8 if programs else 1024)
+    weights = _moe_weights(8, 256, 384, 0, False).to(DEVICE)
     prepared = moe.prepare_moe(weights)
     x = _activations(16, 256, torch.bfloat16, seed=2).to(DEVICE)
     topk_weights, topk_ids = (t.to(DEVICE) for t in _routing(16, 2, 8, seed=2))
-    eager = moe.fused_moe(x, prepared, topk_weights, topk_ids)
+
+    def call(ids):
+        return moe.fused_moe(x, prepared, topk_weights, ids, variant=variant)
+
+    eager = call(topk_ids)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        moe.fused_moe(x, prepared, topk_weights, topk_ids)  # warm up (compile) off the graph
+        call(topk_ids)  # warm up (compile) off the graph
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = moe.fused_moe(x, prepared, topk_weights, topk_ids)
+        captured = call(topk_ids)
     new_ids = torch.roll(topk_ids, 1, dims=0)
     topk_ids.copy_(new_ids)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(captured, moe.fused_moe(x, prepared, topk_weights, new_ids))
+    assert torch.equal(captured, call(new_ids))
     assert not torch.equal(captured, eager)

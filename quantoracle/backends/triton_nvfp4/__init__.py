@@ -23,6 +23,14 @@ class Constraints:
     - ``cuda_graph_capturable``: ``fused_moe`` and ``linear`` never synchronize with the host.
     - ``expert_parallel``: ``MoEWeights.first_expert`` offsets are honoured (non-local experts
       contribute zero).
+    - ``moe_variants``: the fused MoE's paths, selectable by name (``fused_moe(...,
+      variant=name)``; None picks by M, ``configs.moe_variant``), each with the token range
+      ``(min_m, max_m)`` where it is valid (None: no upper bound). Hard limits only: both
+      paths compute the layer at any M; which is faster where is the configs' business.
+      ``sorted``: GPU sort by expert, expert-block GEMMs, top-k sum (4 launches; the sort is
+      two launches from 2048 routed pairs on). ``unsorted``: no sort, one program per (pair,
+      row tile) for gate/up, the down GEMM per (token, row tile) with the top-k sum fused
+      (2 launches); meant for decode (where it wins: docs/performance.md, 2026-12-04).
     """
 
     min_capability: tuple[int, int] = (8, 0)
@@ -31,6 +39,10 @@ class Constraints:
     moe_activations: tuple[str, ...] = ("silu", "gelu")
     cuda_graph_capturable: bool = True
     expert_parallel: bool = True
+    moe_variants: tuple[tuple[str, tuple[int, int | None]], ...] = (
+        ("sorted", (1, None)),
+        ("unsorted", (1, None)),
+    )
 
 
 CONSTRAINTS = Constraints()

@@ -152,6 +152,62 @@ MOE: dict[object, dict[int, MoEConfig]] = {
 TARGET_PROGRAMS = 264
 """Split-K by rule aims at this many programs (two per H100 multiprocessor)."""
 
+MOE_VARIANTS = ("sorted", "unsorted")
+"""The fused MoE's paths: ``sorted`` (GPU sort of the pairs by expert, expert-block GEMMs,
+top-k sum: four launches) and ``unsorted`` (no sort: one program per (pair, row tile) for
+gate/up, and the down GEMM per (token, row tile) with the top-k sum fused: two launches)."""
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    """The unsorted path: the gate/up GEMM's tile (per pair) and the down GEMM's (per token);
+    ``split_k`` 0 = chosen by :func:`pair_split`."""
+
+    up: Tile
+    down: Tile
+
+
+PAIRS: dict[object, PairConfig] = {
+    # bench_moe.py --variants --sweep 1,4,16 on an H200 (docs/performance.md, 2026-12-04): the
+    # fastest summed over M = 1, 4, 16 on each of the four benchmark shapes.
+    "default": PairConfig(Tile(128, 4, 4, 1), Tile(64, 4, 4, 0)),
+}
+"""(experts, hidden, intermediate, top_k) -> the unsorted path's config (any M)."""
+
+PAIR_TARGET_PROGRAMS = 1056
+"""The unsorted path's split rule aims at this many programs (eight per H200 multiprocessor:
+the sweep's best of 132, 264, 528, 1056 on the three shapes where the split was not capped)."""
+
+
+def pair_split(tile: Tile, rows: int, n: int, iterations: int) -> int:
+    """Slices of an unsorted-path GEMM over ``rows`` pairs (or tokens) x ``n`` weight rows
+    whose K loop has ``iterations`` steps (gate/up: K chunks; down: top_k x K chunks): the
+    tile's own, or enough for :data:`PAIR_TARGET_PROGRAMS` programs, two steps each at least
+    (one when there is a single step)."""
+    if tile.split_k:
+        return tile.split_k
+    programs = rows * triton.cdiv(n, tile.block_n)
+    return max(1, min(triton.cdiv(PAIR_TARGET_PROGRAMS, programs), iterations // 2))
+
+
+def pair_config(experts: int, hidden: int, intermediate: int, top_k: int) -> PairConfig:
+    """The unsorted path's config for a MoE shape."""
+    return PAIRS.get((experts, hidden, intermediate, top_k), PAIRS["default"])
+
+
+UNSORTED_MAX_PAIRS_PER_EXPERT = 0.0
+"""``moe_variant`` picks the unsorted path while M * top_k <= this x experts (vLLM's rule is
+0.25: M * top_k * 4 <= E). 0 until measured: the only H200 run (2026-12-04) had the unsorted
+path slower at M = 1 on the small-expert shapes (its down GEMM had 64 programs), and its fix
+(slices across slots) is not measured yet; ``variant="unsorted"`` selects it by name."""
+
+
+def moe_variant(m: int, experts: int, top_k: int) -> str:
+    """The fused-MoE path for ``m`` tokens when the caller names none."""
+    if m * top_k <= UNSORTED_MAX_PAIRS_PER_EXPERT * experts:
+        return "unsorted"
+    return "sorted"
+
 
 def bucket(m: int) -> int:
     """The M bucket serving ``m`` tokens."""

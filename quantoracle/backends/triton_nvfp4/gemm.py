@@ -184,23 +184,38 @@ def mma_chunks(acc, w_ptrs, s_ptrs, x_ptrs, x_mask, k_index, chunk_start, chunk_
     for c in range(chunk_start, chunk_end):
         words = tl.load(w_ptrs + c * 256).to(tl.uint32, bitcast=True)
         scale_word = tl.load(s_ptrs + c * stride_sc)
-        for a in tl.static_range(4):
-            # After a left shift by 4a, bits 12..15 / 28..31 hold nibbles 3 - a and 7 - a.
-            j_lo = 3 - a
-            j_hi = 7 - a
-            k_lo = c * 128 + j_lo * 16
-            k_hi = c * 128 + j_hi * 16
-            if K_EXACT:
-                x_lo = tl.load(x_ptrs + k_lo, mask=x_mask, other=0.0)
-                x_hi = tl.load(x_ptrs + k_hi, mask=x_mask, other=0.0)
-            else:
-                x_lo = tl.load(x_ptrs + k_lo, mask=x_mask & (k_index + k_lo < K), other=0.0)
-                x_hi = tl.load(x_ptrs + k_hi, mask=x_mask & (k_index + k_hi < K), other=0.0)
-            w_lo, w_hi = _decode_pair(words << (4 * a), DTYPE, MAG_SHIFT)
-            acc = _sub_dot(acc, w_lo, scale_word, j_lo, x_lo, gs, inv_gs, gs_odd, inv_gs_odd,
-                           QUANT_X, ODD_ROWS_OWN_SCALE, DTYPE, SCALE_SHIFT, SCALE_BASE)
-            acc = _sub_dot(acc, w_hi, scale_word, j_hi, x_hi, gs, inv_gs, gs_odd, inv_gs_odd,
-                           QUANT_X, ODD_ROWS_OWN_SCALE, DTYPE, SCALE_SHIFT, SCALE_BASE)
+        acc = chunk_dot(acc, words, scale_word, x_ptrs, x_mask, k_index, c, K,
+                        gs, inv_gs, gs_odd, inv_gs_odd, K_EXACT, QUANT_X, ODD_ROWS_OWN_SCALE,
+                        DTYPE, MAG_SHIFT, SCALE_SHIFT, SCALE_BASE)
+    return acc
+
+
+@triton.jit
+def chunk_dot(acc, words, scale_word, x_ptrs, x_mask, k_index, c, K,
+              gs, inv_gs, gs_odd, inv_gs_odd,
+              K_EXACT: tl.constexpr, QUANT_X: tl.constexpr, ODD_ROWS_OWN_SCALE: tl.constexpr,
+              DTYPE: tl.constexpr, MAG_SHIFT: tl.constexpr, SCALE_SHIFT: tl.constexpr,
+              SCALE_BASE: tl.constexpr):
+    """One 128-element chunk c of :func:`mma_chunks`: ``acc += W_c x_c^T`` from the chunk's
+    loaded uint32 ``words`` ``[BN, 16]`` and int64 ``scale_word`` ``[BN]``; x^T's sub-tiles are
+    loaded from ``x_ptrs + 128 c + 16 j`` under ``x_mask`` (and ``k < K`` unless K_EXACT)."""
+    for a in tl.static_range(4):
+        # After a left shift by 4a, bits 12..15 / 28..31 hold nibbles 3 - a and 7 - a.
+        j_lo = 3 - a
+        j_hi = 7 - a
+        k_lo = c * 128 + j_lo * 16
+        k_hi = c * 128 + j_hi * 16
+        if K_EXACT:
+            x_lo = tl.load(x_ptrs + k_lo, mask=x_mask, other=0.0)
+            x_hi = tl.load(x_ptrs + k_hi, mask=x_mask, other=0.0)
+        else:
+            x_lo = tl.load(x_ptrs + k_lo, mask=x_mask & (k_index + k_lo < K), other=0.0)
+            x_hi = tl.load(x_ptrs + k_hi, mask=x_mask & (k_index + k_hi < K), other=0.0)
+        w_lo, w_hi = _decode_pair(words << (4 * a), DTYPE, MAG_SHIFT)
+        acc = _sub_dot(acc, w_lo, scale_word, j_lo, x_lo, gs, inv_gs, gs_odd, inv_gs_odd,
+                       QUANT_X, ODD_ROWS_OWN_SCALE, DTYPE, SCALE_SHIFT, SCALE_BASE)
+        acc = _sub_dot(acc, w_hi, scale_word, j_hi, x_hi, gs, inv_gs, gs_odd, inv_gs_odd,
+                       QUANT_X, ODD_ROWS_OWN_SCALE, DTYPE, SCALE_SHIFT, SCALE_BASE)
     return acc
 
 

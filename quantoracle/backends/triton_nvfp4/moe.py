@@ -1,4 +1,6 @@
-"""W4A16 NVFP4 fused MoE in Triton: four launches, no host synchronization.
+"""W4A16 NVFP4 fused MoE in Triton, no host synchronization; two paths (``variant``).
+
+**sorted** (four or five launches):
 
 1. ``align``: sort the routed (token, slot) pairs by local expert into blocks of ``block_m``.
 2. gate/up GEMM (:func:`_moe_gemm_kernel`, ``GATED``): per block, the tokens' rows of x are
@@ -12,7 +14,19 @@
 4. top-k sum: adds each token's local pairs (and K slices) in fp32 in a fixed order
    (deterministic), casts to x.dtype.
 
-The K loop and the in-register dequantization are ``gemm.mma_chunks`` (see ``gemm.py``).
+**unsorted** (two launches, no sort; for decode, where pairs rarely share an expert):
+
+1. gate/up (:func:`_pair_up_kernel`): one program per (pair, row tile, K slice) reads its
+   expert id from ``topk_ids``; the pair's x row is column 0 of a 16-wide dot; epilogue as
+   above, stored ``[P, I]``. K slices meet in the last program to arrive (fp32 partials,
+   arrival counters in ``PreparedMoE.counters``).
+2. down + top-k sum (:func:`_pair_down_kernel`): one program per (token, row tile, slice of
+   the top_k x K-chunk iterations); slot j accumulates in column j of the dot, the epilogue
+   scales each column by its router weight and global scale and adds them (fp32, fixed
+   order) into ``out``.
+
+The K loop and the in-register dequantization are ``gemm.mma_chunks`` / ``gemm.chunk_dot``
+(see ``gemm.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ from quantoracle.backends.triton_nvfp4.gemm import (
     DECODE,
     activation_scales,
     check_activations,
+    chunk_dot,
     mma_chunks,
     word_tile_ptrs,
 )
@@ -131,6 +146,161 @@ def _topk_sum_kernel(y_ptr, topk_ids_ptr, out_ptr, H, first_expert, E, SPLITS, s
     tl.store(out_ptr + token.to(tl.int64) * H + offs, total.to(out_ptr.dtype.element_ty), mask=h_ok)
 
 
+@triton.jit
+def _gated(y, ACTIVATION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``act(gate_n) * up_n`` of a ``[BLOCK_N]`` vector whose rows alternate gate/up."""
+    gate, up = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
+    if ACTIVATION == "silu":
+        return gate * tl.sigmoid(gate) * up
+    return 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)) * up
+
+
+@triton.jit
+def _last_of_split(partial_ptr, counter_ptr, v, offs, n_ok, row, N, SPLIT_K):
+    """Split-K handshake of the unsorted kernels: store this K slice's fp32 partial ``v`` at
+    ``partial[program_id(2), row, offs]`` (``[SPLIT_K, num_programs(0), N]``), count the
+    arrival on ``counter_ptr``; returns (whether this program is the last of its tile, the sum
+    of all slices in slice order: valid in the last program only). The last program resets
+    the counter for the next call (graph replays)."""
+    slice_stride = tl.num_programs(0).to(tl.int64) * N
+    base = partial_ptr + row.to(tl.int64) * N + offs
+    tl.store(base + tl.program_id(2) * slice_stride, v, mask=n_ok)
+    tl.debug_barrier()  # every thread's partial is written before the release below
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    last = arrived == SPLIT_K - 1
+    total = tl.zeros_like(v)
+    if last:
+        for s in range(SPLIT_K):
+            total += tl.load(base + s * slice_stride, mask=n_ok, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(counter_ptr, 0)
+    return last, total
+
+
+@triton.jit(do_not_specialize=["first_expert", "CHUNKS_PER_SPLIT", "SPLIT_K"])
+def _pair_up_kernel(
+    x_ptr, w_ptr, s_ptr, gscale_ptr, iscale_ptr, out_ptr, partial_ptr, counter_ptr, ids_ptr,
+    N, K, TOP_K, E, first_expert, stride_xm, stride_we, stride_wb, stride_se, stride_sc,
+    stride_om, CHUNKS, CHUNKS_PER_SPLIT, SPLIT_K,
+    BLOCK_N: tl.constexpr, ACTIVATION: tl.constexpr, K_EXACT: tl.constexpr,
+    QUANT_X: tl.constexpr, DTYPE: tl.constexpr, MAG_SHIFT: tl.constexpr,
+    SCALE_SHIFT: tl.constexpr, SCALE_BASE: tl.constexpr, UNFOLD: tl.constexpr,
+):
+    """Unsorted gate/up: program (pair p, row tile, K slice) reads its pair's expert straight
+    from ``topk_ids`` (no sort) and stores ``out[p, n] = act(gate_n) * up_n`` for its
+    ``BLOCK_N / 2`` outputs (rows interleaved gate/up as in :func:`_moe_gemm_kernel`). The
+    pair's x row is column 0 of a 16-wide dot. Several K slices: fp32 partials, the last
+    slice to arrive adds them in slice order and applies the epilogue."""
+    p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    expert = tl.load(ids_ptr + p).to(tl.int32) - first_expert
+    if (expert < 0) | (expert >= E):
+        return  # a non-local pair: the down kernel skips it too
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_w = offs_n % N
+    cols = tl.arange(0, 16)
+    k_index = tl.arange(0, 16)[:, None]
+    w_ptrs = word_tile_ptrs(w_ptr + expert.to(tl.int64) * stride_we, rows_w, stride_wb)
+    s_ptrs = s_ptr + expert.to(tl.int64) * stride_se + rows_w
+    x_ptrs = x_ptr + (p // TOP_K).to(tl.int64) * stride_xm + k_index + cols[None, :] * 0
+    x_mask = (cols == 0)[None, :]
+    gs, inv_gs = activation_scales(iscale_ptr + expert * 2, QUANT_X)
+    gs_up, inv_gs_up = activation_scales(iscale_ptr + expert * 2 + 1, QUANT_X)
+    chunk_start = pid_k * CHUNKS_PER_SPLIT
+    chunk_end = tl.minimum(chunk_start + CHUNKS_PER_SPLIT, CHUNKS)
+    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    acc = mma_chunks(acc, w_ptrs, s_ptrs, x_ptrs, x_mask, k_index, chunk_start, chunk_end, K,
+                     stride_sc, gs, inv_gs, gs_up, inv_gs_up, K_EXACT, QUANT_X, True,
+                     DTYPE, MAG_SHIFT, SCALE_SHIFT, SCALE_BASE)
+    v = tl.sum(tl.where(x_mask, acc, 0.0), axis=1)  # column 0: the pair
+    shard = rows_w % 2
+    scale = tl.load(gscale_ptr + expert * 2 + shard) * UNFOLD
+    scale *= tl.where(shard == 0, inv_gs, inv_gs_up)
+    offs_out = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    out_ptrs = out_ptr + p.to(tl.int64) * stride_om + offs_out
+    out_ok = offs_out < N // 2
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, _gated(v * scale, ACTIVATION, BLOCK_N).to(out_ptr.dtype.element_ty),
+                 mask=out_ok)
+    else:
+        last, total = _last_of_split(partial_ptr, counter_ptr + p * tl.num_programs(1) + pid_n,
+                                     v, offs_n, offs_n < N, p, N, SPLIT_K)
+        if last:
+            tl.store(out_ptrs,
+                     _gated(total * scale, ACTIVATION, BLOCK_N).to(out_ptr.dtype.element_ty),
+                     mask=out_ok)
+
+
+@triton.jit(do_not_specialize=["first_expert", "ITERS_PER_SPLIT", "SPLIT_K"])
+def _pair_down_kernel(
+    h_ptr, w_ptr, s_ptr, gscale_ptr, iscale_ptr, out_ptr, partial_ptr, counter_ptr, ids_ptr,
+    topk_w_ptr, N, K, TOP_K, E, first_expert, stride_hm, stride_we, stride_wb, stride_se,
+    stride_sc, stride_om, CHUNKS, ITERS_PER_SPLIT, SPLIT_K,
+    BLOCK_N: tl.constexpr, SLOTS: tl.constexpr, K_EXACT: tl.constexpr, QUANT_X: tl.constexpr,
+    DTYPE: tl.constexpr, MAG_SHIFT: tl.constexpr, SCALE_SHIFT: tl.constexpr,
+    SCALE_BASE: tl.constexpr, UNFOLD: tl.constexpr,
+):
+    """Unsorted down GEMM with the top-k sum fused: program (token, row tile, slice) runs one
+    flat loop over its slice of the ``TOP_K x CHUNKS`` (slot j, chunk) iterations and
+    accumulates slot j's product ``W_{e_j} h_{p_j}`` in column j of a ``[BLOCK_N, SLOTS]``
+    dot (SLOTS >= top_k, >= 16), so each slot keeps its own fp32 sum; the epilogue scales
+    column j by its expert's global scale and router weight and adds the columns (fp32, fixed
+    order). Non-local slots load nothing and count zero. Slices split the slots as well as K
+    (at M = 1 a token's slots are the only parallelism besides the row tiles); several
+    slices: fp32 partials added by the last slice to arrive, in slice order."""
+    token = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_w = offs_n % N
+    cols = tl.arange(0, SLOTS)
+    k_index = tl.arange(0, 16)[:, None]
+    w_offs = (rows_w // 16)[:, None] * stride_wb + (rows_w % 16)[:, None] * 16 \
+        + tl.arange(0, 16)[None, :]  # as gemm.word_tile_ptrs, expert by expert below
+    it_start = pid_k * ITERS_PER_SPLIT
+    it_end = tl.minimum(it_start + ITERS_PER_SPLIT, TOP_K * CHUNKS)
+    acc = tl.zeros((BLOCK_N, SLOTS), dtype=tl.float32)
+    for it in range(it_start, it_end):
+        j = it // CHUNKS
+        c = it % CHUNKS
+        p = token * TOP_K + j
+        expert = tl.load(ids_ptr + p).to(tl.int32) - first_expert
+        # Masks built from tensors (the interpreter mis-types a bool scalar & a tensor).
+        expert_rows = expert + tl.zeros_like(rows_w)
+        row_ok = (expert_rows >= 0) & (expert_rows < E)
+        expert_cols = expert + tl.zeros_like(cols)
+        x_mask = (cols == j) & (expert_cols >= 0) & (expert_cols < E)
+        expert = tl.where((expert >= 0) & (expert < E), expert, 0).to(tl.int64)
+        words = tl.load(w_ptr + expert * stride_we + w_offs + c * 256, mask=row_ok[:, None],
+                        other=0)
+        scale_word = tl.load(s_ptr + expert * stride_se + c * stride_sc + rows_w, mask=row_ok,
+                             other=0)
+        gs, inv_gs = activation_scales(iscale_ptr + expert, QUANT_X)
+        x_ptrs = h_ptr + p.to(tl.int64) * stride_hm + k_index + cols[None, :] * 0
+        acc = chunk_dot(acc, words.to(tl.uint32, bitcast=True), scale_word, x_ptrs,
+                        x_mask[None, :], k_index, c, K, gs, inv_gs, gs, inv_gs,
+                        K_EXACT, QUANT_X, False, DTYPE, MAG_SHIFT, SCALE_SHIFT, SCALE_BASE)
+    # Column j's scale: global scale (x 1 / gs under W4A4) x fold x router weight; 0 if unused.
+    pairs = token * TOP_K + cols
+    experts = tl.load(ids_ptr + pairs, mask=cols < TOP_K, other=-1).to(tl.int32) - first_expert
+    used = (cols < TOP_K) & (experts >= 0) & (experts < E)
+    experts = tl.where(used, experts, 0)
+    col_scale = tl.load(gscale_ptr + experts) * UNFOLD
+    if QUANT_X:
+        col_scale *= tl.math.div_rn(1.0, tl.math.div_rn(1.0, tl.load(iscale_ptr + experts)))
+    col_scale *= tl.load(topk_w_ptr + pairs, mask=used, other=0.0).to(tl.float32)
+    col_scale = tl.where(used, col_scale, 0.0)
+    v = tl.sum(acc * col_scale[None, :], axis=1)
+    out_ptrs = out_ptr + token.to(tl.int64) * stride_om + offs_n
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, v.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+    else:
+        last, total = _last_of_split(partial_ptr, counter_ptr + token * tl.num_programs(1) + pid_n,
+                                     v, offs_n, offs_n < N, token, N, SPLIT_K)
+        if last:
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
 @dataclass(frozen=True, eq=False)
 class PreparedMoE:
     """The experts of one MoE layer in the kernel layout (``layout.py``).
@@ -140,7 +310,10 @@ class PreparedMoE:
     - ``down_words`` int32 ``[E, H/16, Ip/128, 16, 16]``, ``down_scales`` int64
       ``[E, Ip/128, H]`` (row counts rounded up to 16);
     - ``gate_up_global`` float32 ``[E, 2]`` (gate, up), ``down_global`` float32 ``[E, 1]``;
-    - ``gate_up_input``/``down_input``: the same shapes, W4A4 static input scales, or None.
+    - ``gate_up_input``/``down_input``: the same shapes, W4A4 static input scales, or None;
+    - ``counters`` int32 zeros: the unsorted path's split-K arrival counters (each call leaves
+      them zero; a call needing more uses fresh zeros). So one PreparedMoE must not run on two
+      streams at once.
     """
 
     gate_up_words: torch.Tensor
@@ -155,6 +328,7 @@ class PreparedMoE:
     hidden: int
     intermediate: int
     first_expert: int
+    counters: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -185,7 +359,12 @@ def prepare_moe(weights: MoEWeights) -> PreparedMoE:
         hidden=weights.hidden,
         intermediate=inter,
         first_expert=weights.first_expert,
+        counters=torch.zeros(_COUNTERS, dtype=torch.int32, device=gu.packed.device),
     )
+
+
+_COUNTERS = 1 << 14
+"""Split-K counters kept per PreparedMoE (64 KiB), enough for the unsorted path's small M."""
 
 
 def fused_moe(
@@ -196,6 +375,7 @@ def fused_moe(
     *,
     activation: str = "silu",
     quantize_activations: bool = False,
+    variant: str | None = None,
 ) -> torch.Tensor:
     """The reference's fused-MoE contract (``backends/reference/moe.py``) on the GPU.
 
@@ -203,7 +383,10 @@ def fused_moe(
     ``topk_ids[M, k]`` int32/int64 global expert ids (local expert e is global
     ``first_expert + e``; other ids contribute zero). Returns ``[M, H]`` in x.dtype. No host
     synchronization: capturable in a CUDA graph. Raises NumericsError for a wrong dtype or
-    shape, an unknown activation, or W4A4 without input scales.
+    shape, an unknown activation or variant, or W4A4 without input scales.
+
+    ``variant``: None picks the path by M (``configs.moe_variant``); ``"sorted"`` or
+    ``"unsorted"`` (``configs.MOE_VARIANTS``) forces one; both are valid at every M.
     """
     check_activations(x, prepared.hidden, "triton_nvfp4 fused_moe")
     if x.dim() != 2 or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x.shape[0]:
@@ -218,6 +401,8 @@ def fused_moe(
             "W4A4 emulation needs the checkpoint's input scales; these experts have none "
             "(serve them weight-only: quantize_activations=False)"
         )
+    if variant is not None and variant not in configs.MOE_VARIANTS:
+        raise NumericsError(f"variant {variant!r} is not one of {configs.MOE_VARIANTS}")
     m, top_k = topk_ids.shape
     h, inter = prepared.hidden, prepared.intermediate
     out = torch.empty(m, h, dtype=x.dtype, device=x.device)
@@ -225,6 +410,12 @@ def fused_moe(
         return out
     x = x if x.stride(-1) == 1 else x.contiguous()
     topk_ids = topk_ids.contiguous()
+    if variant is None:
+        variant = configs.moe_variant(m, prepared.experts, top_k)
+    if variant == "unsorted":
+        _unsorted(x, prepared, topk_weights.contiguous(), topk_ids, out, activation,
+                  quantize_activations)
+        return out
     cfg = configs.moe_config(m, prepared.experts, h, inter, top_k)
     routing = align(topk_ids, prepared.experts, prepared.first_expert, cfg.block_m)
     pairs = routing.pairs
@@ -267,3 +458,57 @@ def fused_moe(
         TOP_K=top_k, BLOCK_H=block_h, num_warps=4,
     )
     return out
+
+
+def _unsorted(x, prepared, topk_weights, topk_ids, out, activation, quantize_activations,
+              cfg: configs.PairConfig | None = None):
+    """The unsorted path (two launches): :func:`_pair_up_kernel` then :func:`_pair_down_kernel`
+    (top-k sum fused)."""
+    m, top_k = topk_ids.shape
+    pairs = m * top_k
+    h, inter, experts = prepared.hidden, prepared.intermediate, prepared.experts
+    if cfg is None:
+        cfg = configs.pair_config(experts, h, inter, top_k)
+    decode = DECODE[x.dtype]
+    hidden = torch.empty(pairs, inter, dtype=torch.float32 if quantize_activations else x.dtype,
+                         device=x.device)
+    up_chunks, down_chunks = padded_k(h) // CHUNK_K, padded_k(inter) // CHUNK_K
+    up_tiles, down_tiles = triton.cdiv(2 * inter, cfg.up.block_n), triton.cdiv(h, cfg.down.block_n)
+    up_per = triton.cdiv(up_chunks, configs.pair_split(cfg.up, pairs, 2 * inter, up_chunks))
+    up_split = triton.cdiv(up_chunks, up_per)
+    down_iters = top_k * down_chunks  # the down kernel's slices split (slot, chunk) pairs
+    down_per = triton.cdiv(down_iters, configs.pair_split(cfg.down, m, h, down_iters))
+    down_split = triton.cdiv(down_iters, down_per)
+    up_counters = pairs * up_tiles if up_split > 1 else 0
+    down_counters = m * down_tiles if down_split > 1 else 0
+    counters = prepared.counters
+    if counters is None or counters.numel() < up_counters + down_counters:
+        counters = torch.zeros(up_counters + down_counters, dtype=torch.int32, device=x.device)
+    partial = torch.empty(max(up_split * pairs * 2 * inter if up_split > 1 else 0,
+                              down_split * m * h if down_split > 1 else 0, 1),
+                          dtype=torch.float32, device=x.device)
+    common = dict(DTYPE=decode.dtype, MAG_SHIFT=decode.mag_shift, SCALE_SHIFT=decode.scale_shift,
+                  SCALE_BASE=decode.scale_base, UNFOLD=decode.unfold, QUANT_X=quantize_activations)
+    gate_up_input = prepared.gate_up_input if quantize_activations else prepared.gate_up_global
+    _pair_up_kernel[(pairs, up_tiles, up_split)](
+        x, prepared.gate_up_words, prepared.gate_up_scales, prepared.gate_up_global,
+        gate_up_input, hidden, partial, counters, topk_ids,
+        2 * inter, h, top_k, experts, prepared.first_expert, x.stride(0),
+        prepared.gate_up_words.stride(0), prepared.gate_up_words.stride(1),
+        prepared.gate_up_scales.stride(0), prepared.gate_up_scales.stride(1), hidden.stride(0),
+        up_chunks, up_per, up_split,
+        BLOCK_N=cfg.up.block_n, ACTIVATION=activation, K_EXACT=h % CHUNK_K == 0,
+        num_warps=cfg.up.num_warps, num_stages=cfg.up.num_stages, **common,
+    )
+    down_input = prepared.down_input if quantize_activations else prepared.down_global
+    _pair_down_kernel[(m, down_tiles, down_split)](
+        hidden, prepared.down_words, prepared.down_scales, prepared.down_global, down_input,
+        out, partial, counters[up_counters:], topk_ids, topk_weights,
+        h, inter, top_k, experts, prepared.first_expert, hidden.stride(0),
+        prepared.down_words.stride(0), prepared.down_words.stride(1),
+        prepared.down_scales.stride(0), prepared.down_scales.stride(1), out.stride(0),
+        down_chunks, down_per, down_split,
+        BLOCK_N=cfg.down.block_n, SLOTS=max(16, triton.next_power_of_2(top_k)),
+        K_EXACT=inter % CHUNK_K == 0,
+        num_warps=cfg.down.num_warps, num_stages=cfg.down.num_stages, **common,
+    )
