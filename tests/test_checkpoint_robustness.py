@@ -324,6 +324,7 @@ def test_reprs_show_shapes_dtypes_scheme_and_device_not_values(tmp_path):
         moe = checkpoint.moe(f"{LAYER}.mlp.experts")
         entries = checkpoint.layers()
         texts = [repr(linear), repr(moe), *map(repr, entries), repr(checkpoint)]
+        texts += [repr(checkpoint.config), repr(checkpoint.files)]
     for text in texts:
         assert "tensor(" not in text and "QuantKey" not in text and len(text) < 400, text
     assert "w4a16_nvfp4" in repr(linear) and "uint8" in repr(linear) and "cpu" in repr(linear)

@@ -60,6 +60,13 @@ class QuantConfig:
                 f"checkpoint's activation scheme) or one of {ACTIVATION_OVERRIDES}"
             )
 
+    def __repr__(self) -> str:
+        return (
+            f"QuantConfig({self.format} from {self.source!r}, default {self.default or 'none'}, "
+            f"{len(self.layers)} named layers, {len(self.patterns)} patterns, "
+            f"{len(self.exclude)} excludes, override_activation={self.override_activation!r})"
+        )
+
     def with_override(self, override_activation: ActivationOverride | None) -> QuantConfig:
         """The same config with another activation override."""
         return dataclasses.replace(self, override_activation=override_activation)

@@ -122,6 +122,10 @@ class SafetensorsDirectory(Mapping[str, torch.Tensor]):
                 ) from None
         return self._handles[file]
 
+    def __repr__(self) -> str:
+        files = len(set(self._files.values()))
+        return f"SafetensorsDirectory({str(self.directory)!r}, {len(self)} tensors in {files} files)"
+
     def where(self, name: str) -> str:
         """``<file>: tensor <name>``, for error messages."""
         return f"{self.directory / self._files.get(name, '?')}: tensor {name}"
