@@ -1,8 +1,9 @@
 """Shared helpers of the kernel benchmarks (CUDA): the two ceilings, graph timing, random NVFP4.
 
-Timing: each measured callable is one layer call on its own inputs; ``graph_time_us`` captures a
-list of them (rotating inputs and, where the weights would fit in L2, rotating weight copies or
-routings, so no call finds its weights in L2) in one CUDA graph and reports the median over
+Timing is :mod:`quantoracle.timing` (re-exported here), the one method ``quantoracle tune``
+uses too: each measured callable is one layer call on its own inputs; ``graph_time_us`` captures
+a list of them (rotating inputs and, where the weights would fit in L2, rotating weight copies
+or routings, so no call finds its weights in L2) in one CUDA graph and reports the median over
 replays of the graph time divided by the number of calls.
 """
 
@@ -18,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from quantoracle.schemes.tensors import NVFP4Tensor  # noqa: E402
+from quantoracle.timing import capture_graph, event_ms as _event_ms, graph_time_us, random_nvfp4  # noqa: E402,F401
 
 
 def require_cuda(tool: str) -> None:
@@ -28,17 +29,6 @@ def require_cuda(tool: str) -> None:
         print(f"{tool}: needs a CUDA GPU, and torch {torch.__version__} sees none "
               f"(CUDA build: {torch.version.cuda or 'no'})", file=sys.stderr)
         sys.exit(2)
-
-
-def _event_ms(fn, reps: int) -> list[float]:
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for s, e in zip(starts, ends):
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
@@ -57,48 +47,6 @@ def matmul_rate(n: int = 8192) -> float:
     torch.mm(a, b)
     ms = statistics.median(_event_ms(lambda: torch.mm(a, b), 20))
     return 2 * n**3 / (ms * 1e-3)
-
-
-def capture_graph(calls) -> torch.cuda.CUDAGraph:
-    """``calls`` (closures) warmed up on a side stream (compile, allocate), then captured in one
-    CUDA graph and replayed once."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    return graph
-
-
-def graph_time_us(calls, target_s: float = 0.25, max_reps: int = 50) -> float:
-    """Median microseconds per call of ``calls`` (closures), replayed as one CUDA graph."""
-    graph = capture_graph(calls)
-    estimate_ms = statistics.median(_event_ms(graph.replay, 3))
-    reps = max(5, min(max_reps, int(target_s * 1e3 / max(estimate_ms, 1e-3))))
-    ms = statistics.median(_event_ms(graph.replay, reps))
-    del graph
-    return ms * 1e3 / len(calls)
-
-
-def random_nvfp4(lead: tuple[int, ...], rows: int, cols: int, shards: int,
-                 seed: int) -> NVFP4Tensor:
-    """Random NVFP4 weights on the GPU: uniform codes, block scales 4..448, global ~1e-4
-    (weights of a few 1e-2): realistic bytes for timing, no quantizer needed."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    packed = torch.randint(0, 256, (*lead, rows, cols // 2), dtype=torch.uint8, device="cuda",
-                           generator=g)
-    scales = torch.randint(0x50, 0x7F, (*lead, rows, cols // 16), dtype=torch.uint8,
-                           device="cuda", generator=g).view(torch.float8_e4m3fn)
-    global_scale = (torch.rand(*lead, shards, device="cuda", generator=g) + 0.5) * 2e-5
-    return NVFP4Tensor(packed, scales, global_scale)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from quantoracle.errors import ProblemError, QuantoracleError
-from quantoracle.oracle import Device, NoBackendError, Problem, Resolution, default_registry, resolve
+from quantoracle.oracle import Device, NoBackendError, Plan, Problem, Resolution, default_registry, plan, resolve
 from quantoracle.oracle.engine import ENV_BACKEND, ActivationFallback, Force, UnknownBackendError, force_for_layer
 from quantoracle.oracle.spec import ActivationDtype
 from quantoracle.schemes.checkpoint import Checkpoint, LayerEntry
@@ -36,6 +36,7 @@ class LayerGroup:
     checkpoint_scheme: Scheme
     problem: Problem
     outcome: Resolution | NoBackendError
+    plan: Plan | None = None
 
     @property
     def backend(self) -> str | None:
@@ -64,6 +65,8 @@ class LayerGroup:
         else:
             data.update(self.outcome.to_dict())
             data.update(schemes)  # the stored scheme, not the requested one, is the checkpoint's
+            data["plan"] = self.plan.to_list()
+            data["layouts"] = list(self.plan.layouts)
         return data
 
 
@@ -85,6 +88,9 @@ class CheckpointResolution:
     exclude: tuple[str, ...]
     top_k: int
     top_k_source: str
+    layouts: str = "one"
+    tuning: str | None = None
+    quarantine: str | None = None
     groups: list[LayerGroup] = field(default_factory=list)
 
     @property
@@ -97,7 +103,8 @@ class CheckpointResolution:
             "device": str(self.device), "dtype": self.dtype, "activation_fallback": self.activation_fallback,
             "override_activation": self.override_activation, "force": self.force,
             "env_force": self.env_force, "exclude": list(self.exclude),
-            "top_k": self.top_k, "top_k_source": self.top_k_source,
+            "top_k": self.top_k, "top_k_source": self.top_k_source, "layouts": self.layouts,
+            "tuning": self.tuning, "quarantine": self.quarantine,
             "groups": [g.to_dict() for g in self.groups],
         }
 
@@ -147,6 +154,10 @@ def resolve_checkpoint(
     activation_fallback: ActivationFallback = "weight_only",
     force: Force = None,
     exclude: tuple[str, ...] = (),
+    layouts: str = "one",
+    tuning: str | None = None,
+    quarantine: str | None = None,
+    allow_quarantined: bool = False,
 ) -> CheckpointResolution:
     """Resolve every quantized layer of a checkpoint on ``device``, grouping identical ones.
 
@@ -155,6 +166,8 @@ def resolve_checkpoint(
     :class:`UnknownBackendError` for a backend name no plugin declares (in ``force`` or the
     environment), :class:`UnmatchedForceError` for a glob that matches no quantized layer, and
     :class:`ProblemError` for a ``top_k`` (given or from config.json) above a layer's experts.
+    Each group also carries its :class:`Plan` (per batch size; ``layouts``, ``tuning``,
+    ``quarantine`` and ``allow_quarantined`` as in :func:`quantoracle.plan`).
     """
     directory = Path(directory)
     env_force = os.environ.get(ENV_BACKEND) or None
@@ -165,7 +178,10 @@ def resolve_checkpoint(
         stored = ckpt.config.with_override(None)
         result = CheckpointResolution(
             str(directory), ckpt.config.format, ckpt.config.source, device, dtype, activation_fallback,
-            override_activation, force, env_force, tuple(exclude), DEFAULT_TOP_K if k is None else k, source)
+            override_activation, force, env_force, tuple(exclude), DEFAULT_TOP_K if k is None else k, source,
+            layouts, None if tuning is None else str(tuning), None if quarantine is None else str(quarantine))
+        options = dict(exclude=exclude, activation_fallback=activation_fallback, layouts=layouts, tuning=tuning,
+                       quarantine=quarantine, allow_quarantined=allow_quarantined)
         for entry in ckpt.layers():
             if entry.kind == "moe" and k is not None and k > entry.experts:
                 raise ProblemError(f"top-k {k} (from {source}) exceeds the {entry.experts} experts of "
@@ -174,16 +190,17 @@ def resolve_checkpoint(
             problem = problem_of(entry, device, dtype, layer_top_k)
             forced = force_for_layer(force, entry.name)
             checkpoint_scheme = stored.scheme_for(entry.name)
+            group_plan = None
             try:
-                outcome: Resolution | NoBackendError = resolve(
-                    problem, force=forced, exclude=exclude, activation_fallback=activation_fallback)
+                group_plan = plan(problem, force=forced, **options)
+                outcome: Resolution | NoBackendError = group_plan.first
             except NoBackendError as err:
                 outcome = err
             key = (checkpoint_scheme, problem, forced)  # the outcome follows from these
             if key in groups:
                 groups[key].names.append(entry.name)
             else:
-                groups[key] = LayerGroup([entry.name], checkpoint_scheme, problem, outcome)
+                groups[key] = LayerGroup([entry.name], checkpoint_scheme, problem, outcome, group_plan)
     if isinstance(force, Mapping):
         layers = [name for g in groups.values() for name in g.names]
         for glob, backend in force.items():

@@ -34,8 +34,12 @@ def matrix(
     dtype: ActivationDtype = "bfloat16",
     activation_fallback: ActivationFallback = "weight_only",
     registry: Registry | None = None,
+    tokens: int | None = None,
+    **options: Any,
 ) -> list[dict[str, Any]]:
-    """One row per problem: ``scheme`` and ``kind``, the chosen ``backend`` (or None), the
+    """One row per problem at ``tokens`` tokens (``None``: any batch size; ``options`` as for
+    :func:`quantoracle.resolve`): ``scheme`` and ``kind``, the chosen ``backend`` (or None) and
+    its ``variant``, the
     ``fallback`` taken and the ``served_scheme``, and the failed rule codes per backend: ``asked_rejections`` against the
     problem as asked (every backend's reasons when none serves it, or why a fallback was
     needed), ``rejections`` against the problem served (empty when none is served)."""
@@ -43,11 +47,11 @@ def matrix(
     for problem in problems(device, dtype):
         row: dict[str, Any] = {"scheme": problem.scheme.name, "kind": problem.kind}
         try:
-            res = resolve(problem, activation_fallback=activation_fallback, registry=registry)
+            res = resolve(problem, activation_fallback=activation_fallback, registry=registry, tokens=tokens, **options)
         except NoBackendError as err:
-            row.update(backend=None, fallback=None, served_scheme=None, asked_rejections=_codes(err.rejections), rejections={})
+            row.update(backend=None, variant=None, fallback=None, served_scheme=None, asked_rejections=_codes(err.rejections), rejections={})
         else:
-            row.update(backend=res.name, fallback=res.fallback, served_scheme=res.scheme.name, asked_rejections=_codes(res.asked_rejections),
+            row.update(backend=res.name, variant=res.variant, fallback=res.fallback, served_scheme=res.scheme.name, asked_rejections=_codes(res.asked_rejections),
                        rejections=_codes(res.rejections))
         rows.append(row)
     return rows

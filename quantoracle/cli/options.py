@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from quantoracle.errors import QuantoracleError
 from quantoracle.oracle import Device
-from quantoracle.oracle.engine import FALLBACKS
+from quantoracle.oracle.engine import FALLBACKS, LAYOUT_POLICIES
 from quantoracle.oracle.spec import ACTIVATION_DTYPES
 
 if TYPE_CHECKING:
@@ -140,6 +140,23 @@ def add_oracle_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation-fallback", default="weight_only", choices=FALLBACKS,
                         help="when no backend runs a W4A4 scheme's activations natively: serve it "
                              "weight-only, emulate W4A4 exactly, or report an error")
+    parser.add_argument("--layouts", default="one", choices=LAYOUT_POLICIES,
+                        help="weight copies a layer may hold: one layout (the fastest plan that fits), or "
+                             "the fastest candidate per batch size whatever its layout")
+    parser.add_argument("--tuning", default=None, metavar="PATH",
+                        help="tuning cache to rank by ('none': no measurements; default: $QUANTORACLE_TUNING, "
+                             "the user cache, then the shipped ones)")
+    parser.add_argument("--quarantine", default=None, metavar="PATH",
+                        help="quarantine file, JSON or TOML (default: $QUANTORACLE_QUARANTINE), on top of the "
+                             "shipped entries")
+    parser.add_argument("--allow-quarantined", action="store_true",
+                        help="ignore every quarantine entry (you take responsibility for known-bad kernels)")
+
+
+def oracle_options(args: argparse.Namespace) -> dict:
+    """The planning options of :func:`add_oracle_options` as keyword arguments."""
+    return dict(activation_fallback=args.activation_fallback, layouts=args.layouts, tuning=args.tuning,
+                quarantine=args.quarantine, allow_quarantined=args.allow_quarantined)
 
 
 def add_quiet(parser: argparse.ArgumentParser) -> None:

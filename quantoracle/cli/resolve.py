@@ -8,7 +8,15 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from quantoracle._version import __version__
-from quantoracle.cli.options import DeviceChoice, UsageError, add_json, add_oracle_options, oracle_device, positive_int
+from quantoracle.cli.options import (
+    DeviceChoice,
+    UsageError,
+    add_json,
+    add_oracle_options,
+    oracle_device,
+    oracle_options,
+    positive_int,
+)
 from quantoracle.oracle import ForcedBackendError
 from quantoracle.oracle.engine import ENV_BACKEND, Force, force_for_layer
 from quantoracle.report import table
@@ -75,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
     chosen = oracle_device(args.device)
     result = resolve_checkpoint(
         args.path, chosen.device, dtype=args.dtype, top_k=args.top_k,
-        override_activation=args.override_activation, activation_fallback=args.activation_fallback,
-        force=force, exclude=tuple(args.exclude or ()),
+        override_activation=args.override_activation, force=force, exclude=tuple(args.exclude or ()),
+        **oracle_options(args),
     )
     if args.json:
         print(json.dumps(to_json(result, chosen), indent=2))
@@ -122,7 +130,7 @@ def print_text(result: CheckpointResolution, chosen: DeviceChoice, list_layers: 
             print(str(g.outcome).removesuffix(g.outcome.hint).rstrip())  # the engine's hint is in words
             print(f"hint: {_hint(g, result)}")
         else:
-            print(g.outcome.explain())
+            print(g.plan.explain())
 
 
 def _hint(group: LayerGroup, result: CheckpointResolution) -> str:
