@@ -114,15 +114,3 @@ class OptionError(QuantoracleError, ValueError):
 class NumericsCheckError(QuantoracleError):
     """The numerics check (``verify="strict"``) found a backend's output too far from the exact
     reference, or not finite. The message names the backend, token count, error and tolerance."""
-
-
-class CheckpointPathError(CheckpointFormatError):
-    """A path given as a checkpoint or model directory is none: it does not exist (a Hugging Face
-    hub id is not downloaded), it is a file, or it holds no config.json. The message names the
-    path and what to pass instead."""
-
-
-class UnquantizedModelError(CheckpointFormatError):
-    """A 16-bit model directory (config.json without quantization_config, no
-    hf_quant_config.json) where a quantized checkpoint is needed. The message names the command
-    that quantizes it."""
