@@ -28,7 +28,7 @@ class Constraints:
       ``(min_m, max_m)`` where it is valid (None: no upper bound). Hard limits only: both
       paths compute the layer at any M; which is faster where is the configs' business.
       ``sorted``: GPU sort by expert, expert-block GEMMs, top-k sum (4 launches; the sort is
-      two launches from 2048 routed pairs on). ``unsorted``: no sort, one program per (pair,
+      two launches beyond 1024 routed pairs). ``unsorted``: no sort, one program per (pair,
       row tile) for gate/up, the down GEMM per (token, row tile) with the top-k sum fused
       (2 launches); meant for decode (where it wins: docs/performance.md, 2026-12-04).
     """
