@@ -32,7 +32,7 @@ def test_seed_case_w4a16_nvfp4_moe_on_hopper_runs_weight_only(registry):
     res = resolve(moe(W4A16_NVFP4), registry=registry)
     assert res.name == "triton_nvfp4"
     assert res.fallback is None and res.scheme == W4A16_NVFP4
-    assert res.survivors == ("triton_nvfp4", "reference")
+    assert res.survivors == ("triton_nvfp4/sorted", "triton_nvfp4/unsorted", "reference")
     reasons = res.rejections["example_w4a4"]
     activation = [f for f in reasons if f.code == "activation_scheme"]
     assert activation and "activation key None" in activation[0].message
@@ -55,7 +55,7 @@ def test_w4a4_on_hopper_follows_the_activation_fallback_policy(registry):
     assert weight_only.fallback == "weight_only" and weight_only.scheme == W4A16_NVFP4
     assert weight_only.effective_problem.scheme == W4A16_NVFP4
     assert "16-bit activations" in weight_only.note
-    assert "activation_scheme" in {f.code for f in weight_only.asked_rejections["triton_nvfp4"]}
+    assert "activation_scheme" in {f.code for f in weight_only.asked_rejections["triton_nvfp4/sorted"]}
     emulated = resolve(problem, registry=registry, activation_fallback="emulate")
     assert emulated.fallback == "emulate" and emulated.scheme == W4A4_NVFP4
     assert emulated.name == "triton_nvfp4"
@@ -66,7 +66,10 @@ def test_w4a4_on_hopper_follows_the_activation_fallback_policy(registry):
 def test_cpu_serves_nvfp4_through_the_reference(registry):
     res = resolve(moe(W4A16_NVFP4, "cpu", dtype="float32"), registry=registry)
     assert res.name == "reference"
-    assert {f.code for f in res.rejections["triton_nvfp4"]} == {"platform", "dtype"}
+    assert {f.code for f in res.rejections["triton_nvfp4/sorted"]} == {"platform", "dtype"}
+    assert res.rejections["triton_nvfp4/unsorted"] == res.rejections["triton_nvfp4/sorted"]
+    # the variants of one backend failing the same rules are shown once, under its name
+    assert "  triton_nvfp4  x [platform]" in res.explain()
 
 
 def test_force_never_falls_back(registry, monkeypatch):
@@ -92,7 +95,8 @@ def test_exclude_gives_the_next_survivor_and_unknown_names_are_errors(registry):
 def test_no_backend_error_lists_every_backend_with_reasons(registry):
     with pytest.raises(NoBackendError) as err:
         resolve(moe(W8A8_FP8, "sm90"), registry=registry)
-    assert set(err.value.rejections) == {"triton_nvfp4", "reference", "example_w4a4", "declared_fp8", "humming"}
+    assert set(err.value.rejections) == {"triton_nvfp4/sorted", "triton_nvfp4/unsorted", "reference",
+                                         "example_w4a4", "declared_fp8", "humming"}
     assert "weight_scheme" in str(err.value) and "layer_kind" in str(err.value)
 
 

@@ -5,7 +5,7 @@ measured under and one :class:`Measurement` (µs) per (layer shape, candidate, t
 the ladder :data:`LADDER`. Caches consulted, first match wins:
 
 1. the ``tuning=`` option, or the ``QUANTORACLE_TUNING`` environment variable (a path);
-2. the default user cache ``~/.cache/quantoracle/tuning.json`` (where ``tune`` writes);
+2. the default user cache :func:`user_cache` (where ``tune`` writes);
 3. the caches shipped with quantoracle (``quantoracle/oracle/data/tuning_*.json``).
 
 A cache applies only when its fingerprint matches the one of the answer (``match="exact"``: GPU
@@ -35,7 +35,6 @@ from quantoracle.oracle.spec import Problem
 
 LADDER: tuple[int, ...] = tuple(2**i for i in range(14))  # 1, 2, 4, ..., 8192
 ENV_TUNING = "QUANTORACLE_TUNING"
-USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quantoracle" / "tuning.json"
 SHIPPED_DIR = Path(__file__).parent / "data"
 
 
@@ -75,9 +74,12 @@ class TuningCache(BaseModel):
         ``backends``: the distribution of each measured backend's plugin (name -> distribution)."""
         mine = self.fingerprint
         if self.match == "capability":
+            # a measured backend's distribution must be at the measured version where it is
+            # installed here; one not installed here serves nothing, so its rows cannot mislead
             fields = ["device"]
             measured = {m.candidate.split("/")[0] for m in self.measurements}
-            dists = sorted({d for b, d in backends.items() if b in measured and d})
+            dists = sorted({d for b, d in backends.items()
+                            if b in measured and d and current.package_version(d) is not None})
         else:
             fields = ["device", "gpu_name", "sm_count", "memory_bytes", "driver", "cuda", "torch", "triton"]
             dists = sorted(dict(mine.packages) | dict(current.packages))
@@ -210,6 +212,12 @@ class Tuning:
         return ()
 
 
+def user_cache() -> Path:
+    """Where ``quantoracle tune`` writes by default: ``$XDG_CACHE_HOME/quantoracle/tuning.json``
+    (``~/.cache/...``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quantoracle" / "tuning.json"
+
+
 def shipped_caches() -> list[Path]:
     return sorted(SHIPPED_DIR.glob("tuning_*.json"))
 
@@ -226,8 +234,8 @@ def load_tuning(option: str | os.PathLike[str] | None) -> Tuning:
             raise TuningCacheError(f"tuning cache {explicit}: no such file (from "
                                    f"{'tuning=' if option else '$' + ENV_TUNING}); run `quantoracle tune --out {explicit}`")
         paths.append(Path(explicit))
-    if USER_CACHE.exists():
-        paths.append(USER_CACHE)
+    if user_cache().exists():
+        paths.append(user_cache())
     paths += shipped_caches()
     return Tuning([(_source_name(p), TuningCache.load(p)) for p in paths])
 
@@ -239,7 +247,7 @@ def _source_name(path: Path) -> str:
 def cache_key(option: str | os.PathLike[str] | None) -> tuple:
     """What :func:`load_tuning`'s result depends on: the option, the variable, and the files'
     modification times (a rewritten cache is re-read)."""
-    paths = [option or os.environ.get(ENV_TUNING), USER_CACHE, *shipped_caches()]
+    paths = [option or os.environ.get(ENV_TUNING), user_cache(), *shipped_caches()]
     stamps = []
     for p in paths:
         try:
@@ -249,8 +257,4 @@ def cache_key(option: str | os.PathLike[str] | None) -> tuple:
     return (str(option), tuple(stamps))
 
 
-def ladder_for(tokens_max: int = LADDER[-1]) -> tuple[int, ...]:
-    return tuple(m for m in LADDER if m <= tokens_max)
-
-
-__all__ = ["Decision", "LADDER", "Measurement", "Tuning", "TuningCache", "load_tuning", "nearest_ladder"]
+__all__ = ["Decision", "LADDER", "Measurement", "Tuning", "TuningCache", "load_tuning", "nearest_ladder", "user_cache"]
