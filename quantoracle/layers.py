@@ -21,7 +21,7 @@ from quantoracle.errors import CheckpointFormatError, ProblemError
 from quantoracle.oracle import Device, ParallelConfig, Plan, Problem, Resolution, plan
 from quantoracle.oracle.engine import ActivationFallback, LayoutPolicy
 from quantoracle.oracle.quarantine import add_runtime_entry
-from quantoracle.oracle.registry import Registry, default_registry
+from quantoracle.oracle.registry import Registry
 from quantoracle.schemes.checkpoint import Checkpoint, LayerEntry
 from quantoracle.schemes.scheme import W4A16_NVFP4, Scheme
 from quantoracle.schemes.tensors import MoEWeights, NVFP4Tensor
@@ -71,33 +71,23 @@ class _ResolvedLayer(nn.Module):
         self._prepared = prepared
 
     def _check(self, weights: Any, policy: str) -> bool:
-        """Probe every bucket served by a backend other than ``reference``; on a failure,
-        quarantine it (``"first_use"``; returns True: prepare again) or raise (``"strict"``)."""
-        device = weights.down.packed.device if isinstance(weights, MoEWeights) else weights.packed.device
-        registry = self._options.get("registry") or default_registry()
-        starts = [b.min_tokens for b in self.plan.buckets]
+        """Probe the plan (:func:`quantoracle.verify.check_layer`); on a failure, quarantine the
+        failing candidate (``"first_use"``; returns True: prepare again) or raise (``"strict"``)."""
         failures = [c for c in self.verification if not c.passed]  # from earlier rounds
-        checks = []
-        for tokens in numerics.probe_tokens(starts):
-            res, prepared = self._serve(tokens)
-            if res.name == "reference":
-                continue
-            tolerance = numerics.tolerance(res, registry)
-            error, seconds = numerics.timed(numerics.run_probe, res, prepared, weights, tokens, device, self.dtype)
-            passed = error <= tolerance
-            check = numerics.Check(res.label, tokens, error, tolerance, passed, seconds)
-            if not passed:
-                if policy == "strict":
-                    raise numerics.failure_error(check, res)
-                add_runtime_entry(numerics.quarantine_entry(res, check))
-                log.warning("%s: %s; quarantined for this process, planning again", self.layer_name or "layer",
-                            check.describe())
-                self.verification = (*failures, check)
-                return True
-            checks.append(check)
-        replaced = [dataclasses.replace(c, replaced_by=self.plan.at(c.tokens).label) for c in failures]
-        self.verification = (*replaced, *checks)
-        return False
+        checks = numerics.check_layer(self, weights)
+        failed = next((c for c in checks if not c.passed), None)
+        if failed is None:
+            replaced = [dataclasses.replace(c, replaced_by=self.plan.at(c.tokens).label) for c in failures]
+            self.verification = (*replaced, *checks)
+            return False
+        res = self._serve(failed.tokens)[0]
+        if policy == "strict":
+            raise numerics.failure_error(failed, res)
+        add_runtime_entry(numerics.quarantine_entry(res, failed))
+        log.warning("%s: %s; quarantined for this process, planning again", self.layer_name or "layer",
+                    failed.describe())
+        self.verification = (*failures, failed)
+        return True
 
     def _serve(self, tokens: int) -> tuple[Resolution, Any]:
         for max_tokens, res, prepared in self._dispatch:

@@ -6,7 +6,9 @@ compares them with the tolerance the backend declares for the scheme
 (:attr:`~quantoracle.oracle.spec.SchemeSupport.tolerance`). Output NaN/Inf on finite input is
 always a failure. The probe is small on purpose:
 
-- token counts: 1, and the first token count of every plan bucket (at most :data:`MAX_TOKENS`);
+- token counts: :data:`PROBE_TOKENS` (decode, a small batch that is no multiple of 16, a
+  prefill-sized batch) and the first token count of every plan bucket (the cheapest count that
+  bucket serves), so a kernel wrong only above some batch size inside one bucket is caught too;
 - values: standard normal in the layer's activation dtype, fixed seed;
 - Linear: the reference dequantizes only :data:`PROBE_ROWS` output rows per row shard (the
   backend's full output is computed; only those columns are compared);
@@ -34,6 +36,7 @@ import torch
 from quantoracle.errors import NumericsCheckError, OptionError
 from quantoracle.oracle.engine import Resolution, candidates
 from quantoracle.oracle.quarantine import QuarantineEntry
+from quantoracle.oracle.registry import default_registry
 from quantoracle.oracle.spec import DEFAULT_TOLERANCE
 from quantoracle.schemes.tensors import MoEWeights, NVFP4Tensor
 
@@ -41,7 +44,7 @@ VerifyPolicy = Literal["off", "first_use", "strict"]
 VERIFY_POLICIES: tuple[VerifyPolicy, ...] = ("off", "first_use", "strict")
 ENV_VERIFY = "QUANTORACLE_VERIFY"
 DEFAULT_POLICY: VerifyPolicy = "first_use"
-MAX_TOKENS = 256
+PROBE_TOKENS = (1, 17, 128)
 PROBE_ROWS = 128
 PROBE_EXPERTS = 8
 SEED = 1234
@@ -86,8 +89,29 @@ def tolerance(resolution: Resolution, registry: Any) -> float:
 
 
 def probe_tokens(starts: list[int]) -> list[int]:
-    """1 and each bucket's first token count, capped at :data:`MAX_TOKENS`, without repeats."""
-    return sorted({1, *(min(s, MAX_TOKENS) for s in starts)})
+    """:data:`PROBE_TOKENS` and each bucket's first token count ``starts``, sorted, without repeats."""
+    return sorted({*PROBE_TOKENS, *starts})
+
+
+def check_layer(layer: Any, weights: Any) -> tuple[Check, ...]:
+    """Probe ``layer`` (an :class:`~quantoracle.layers.NVFP4Linear` or
+    :class:`~quantoracle.layers.NVFP4FusedMoE`, whatever its ``verify`` policy) at every count of
+    :func:`probe_tokens` for its plan, against ``reference``; ``weights`` are the
+    :class:`NVFP4Tensor` / :class:`MoEWeights` it was built from (the layer keeps only the
+    backend's prepared form). Returns one :class:`Check` per probe served by another backend,
+    in token order, failures included (nothing is quarantined or raised here: the policy is the
+    caller's); empty when ``reference`` serves every bucket (nothing to compare)."""
+    device = weights.down.packed.device if isinstance(weights, MoEWeights) else weights.packed.device
+    registry = layer._options.get("registry") or default_registry()
+    checks = []
+    for tokens in probe_tokens([b.min_tokens for b in layer.plan.buckets]):
+        res, prepared = layer._serve(tokens)
+        if res.name == "reference":
+            continue
+        limit = tolerance(res, registry)
+        error, seconds = timed(run_probe, res, prepared, weights, tokens, device, layer.dtype)
+        checks.append(Check(res.label, tokens, error, limit, error <= limit, seconds))
+    return tuple(checks)
 
 
 def run_probe(resolution: Resolution, prepared: Any, weights: Any, tokens: int, device: torch.device,
@@ -146,8 +170,10 @@ def _probe_routing(tokens: int, top_k: int, weights: MoEWeights, device: torch.d
 
 def quarantine_entry(resolution: Resolution, check: Check) -> QuarantineEntry:
     """The run-time quarantine entry for a failed check: this candidate, this GPU and problem
-    shape, every batch size (a kernel wrong at one M is not trusted at the others)."""
-    p = resolution.problem
+    shape, every batch size (a kernel wrong at one M is not trusted at the others). The scheme is
+    the one served (after an activation fallback), which is what the re-plan judges the
+    candidate against."""
+    p = resolution.effective_problem
     fp = resolution.fingerprint
     return QuarantineEntry(
         backend=resolution.name, variant=resolution.variant,
@@ -155,8 +181,8 @@ def quarantine_entry(resolution: Resolution, check: Check) -> QuarantineEntry:
         gpu_name=fp.gpu_name if fp else None,
         schemes=(p.scheme.name,), kinds=(p.kind,), dtypes=(p.dtype,),
         n=p.n, k=p.k, experts=p.experts, top_k=p.top_k,
-        reason=f"numerics check on first use: {check.describe()}",
-        source="numerics check",
+        reason=check.describe(),
+        source="the numerics check on first use",
     )
 
 
