@@ -20,6 +20,8 @@ from 2048 pairs), "unsorted", and "auto" (``variant=None``); each checked agains
 at every M with poisoned outputs, then timed (CUDA graph, rotating routings). ``--sweep``:
 first time the unsorted path's tile and split candidates at these M and keep the fastest per
 shape (printed as ``configs.PAIRS`` entries), then the side-by-side run uses them.
+``--breakdown 1,4``: at these M, µs per kernel of the sorted and unsorted paths (eager,
+torch.profiler) in the JSON, ``kernels_us``.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ def candidates(m: int, experts: int, top_k: int) -> list[tuple[int, list[Tile], 
             tiles = [Tile(64, 4, 4), Tile(64, 4, 6), Tile(128, 4, 4), Tile(32, 2, 4),
                      Tile(64, 2, 4)]
             down = tiles + [Tile(64, 4, 4, 2), Tile(64, 4, 4, 4), Tile(64, 2, 4, 4),
-                            Tile(128, 4, 4, 4)]
+                            Tile(128, 4, 4, 4), Tile(64, 4, 4, 8), Tile(128, 4, 4, 8),
+                            Tile(64, 4, 4, 16)]
         elif bm <= 128:
             tiles = down = [Tile(128, 8, 3), Tile(128, 4, 3), Tile(64, 4, 3)]
         else:
@@ -223,6 +226,10 @@ def sweep_pairs(shape, prepared, xs, routes_by_m, log) -> None:
     print(f"sweep {shape}: {best} target {best_target} ({best_score:.1f} us summed)", flush=True)
 
 
+def args_breakdown_ms(args) -> set[int]:
+    return {int(v) for v in args.breakdown.split(",")} if args.breakdown else set()
+
+
 def compare_variants(args, shapes, ms) -> None:
     info = device_info()
     bandwidth = copy_bandwidth()
@@ -265,6 +272,10 @@ def compare_variants(args, shapes, ms) -> None:
                 calls = [lambda x=x, r=r, name=name: _variant_call(name, prepared, x, r)
                          for x, r in zip(xs, routes)]
                 row["us"][name] = graph_time_us(calls, target_s=0.1, max_reps=30)
+            if m in args_breakdown_ms(args):
+                row["kernels_us"] = {name: kernel_breakdown(
+                    lambda name=name: _variant_call(name, prepared, xs[0], routes[0]))
+                    for name in ("sorted", "unsorted")}
             touched = sum(torch.unique(r[1]).numel() for r in routes) / len(routes) * expert_bytes
             row["floor_us"] = touched / bandwidth * 1e6
             row["auto_variant"] = configs.moe_variant(m, experts, top_k)
@@ -291,6 +302,8 @@ def main() -> None:
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--variants", action="store_true")
     parser.add_argument("--sweep", default="")
+    parser.add_argument("--breakdown", default="1,4",
+                        help="--variants: M at which to profile each kernel (torch.profiler)")
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
     ms = [int(v) for v in args.ms.split(",")]
