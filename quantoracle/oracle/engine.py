@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from quantoracle.errors import OptionError, ProblemError, QuantoracleError
 from quantoracle.oracle import quarantine as quarantine_module
-from quantoracle.oracle.fingerprint import Fingerprint, fingerprint
+from quantoracle.oracle.fingerprint import SOFTWARE, Fingerprint, fingerprint, version_of
 from quantoracle.oracle.quarantine import ENV_QUARANTINE, SHIPPED, QuarantineEntry, load_entries
 from quantoracle.oracle.registry import Registry, default_registry
 from quantoracle.oracle.rules import Context, RuleFailure, describe_activation, evaluate
@@ -396,11 +396,27 @@ def candidates(registry: Registry, kind: str) -> dict[str, Candidate]:
 
 @lru_cache(maxsize=16)
 def _provenance(registry: Registry, generation: int) -> tuple[tuple[tuple[str, str], ...], dict, dict]:
-    """(the plugin distributions and versions, each backend's distribution version, each
-    backend's distribution), read once per registry state."""
-    packages = tuple(sorted((d, v or "unknown") for d, v in registry.distributions().items()))
+    """(every distribution an answer depends on with its version: each plugin's and each
+    kernel library a backend ``requires`` that is installed; each backend's plugin distribution
+    version; each backend's distributions), read once per registry state."""
+    found = {d: v or "unknown" for d, v in registry.distributions().items()}
     origins = {name: registry.origin(name) for name in registry.backends}
-    return packages, {n: o.version for n, o in origins.items()}, {n: o.distribution for n, o in origins.items()}
+    libraries = _module_distributions()
+    dists: dict[str, tuple[str, ...]] = {}
+    for name, backend in registry.backends.items():
+        needed = [d for module in backend.spec.requires for d in libraries.get(module.split(".")[0], ())
+                  if d not in SOFTWARE]  # torch and triton are fingerprint fields of their own
+        for d in needed:
+            found.setdefault(d, version_of(d) or "unknown")
+        dists[name] = tuple(d for d in dict.fromkeys([origins[name].distribution, *needed]) if d)
+    return tuple(sorted(found.items())), {n: o.version for n, o in origins.items()}, dists
+
+
+@lru_cache(maxsize=1)
+def _module_distributions() -> dict[str, list[str]]:
+    from importlib.metadata import packages_distributions
+
+    return packages_distributions()
 
 
 @lru_cache(maxsize=64)

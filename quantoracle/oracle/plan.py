@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -81,13 +82,15 @@ class Plan:
     problem: Problem
     buckets: tuple[Bucket, ...]
     policy: LayoutPolicy
+    resolver: Callable[[int], Resolution] = field(repr=False, compare=False)
 
     def at(self, tokens: int) -> Resolution:
-        """The resolution serving a batch of ``tokens`` tokens (the same as ``resolve(problem,
-        tokens=tokens)`` with the plan's options)."""
+        """The resolution at exactly ``tokens`` tokens (``resolve(problem, tokens=tokens)`` with
+        the plan's options): the bucket's choice, with the rules evaluated at that count."""
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
             raise OptionError(f"tokens={tokens!r}: a token count is an integer >= 1")
-        return next(b.resolution for b in self.buckets if b.covers(tokens))
+        bucket = next(b for b in self.buckets if b.covers(tokens))
+        return bucket.resolution if tokens == bucket.min_tokens else self.resolver(tokens)
 
     def bucket_index(self, tokens: int) -> int:
         """Which bucket serves ``tokens`` (0 for an empty batch: layers pass 0 rows through the
@@ -169,23 +172,24 @@ def _plan(registry: Registry, generation: int, problem: Problem, force: str | No
           env: Environment) -> Plan | QuantoracleError:
     starts = _breakpoints(registry, problem, env)
 
+    def at(tokens: int, allowed: frozenset[str] | None) -> Resolution:
+        res = _resolve(registry, generation, problem, tokens, force, forced_by, exclude, policy, allowed, env)
+        if isinstance(res, QuantoracleError):
+            raise res
+        return res
+
     def segments(allowed: frozenset[str] | None) -> list[Resolution]:
-        out = []
-        for start in starts:
-            res = _resolve(registry, generation, problem, start, force, forced_by, exclude, policy, allowed, env)
-            if isinstance(res, QuantoracleError):
-                raise res
-            out.append(res)
-        return out
+        return [at(start, allowed) for start in starts]
 
     try:
         free = segments(None)
-        chosen = free
+        chosen, allowed = free, None
         if layouts == "one" and len({r.layout for r in free}) > 1:
             chosen = _one_layout(free, segments, registry, problem)
+            allowed = frozenset({chosen[0].layout})
     except (NoBackendError, UnknownBackendError) as err:
         return err
-    return Plan(problem, _join(starts, chosen), layouts)
+    return Plan(problem, _join(starts, chosen), layouts, lambda tokens: at(tokens, allowed))
 
 
 def _one_layout(free: list[Resolution], segments, registry: Registry, problem: Problem) -> list[Resolution]:

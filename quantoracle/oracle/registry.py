@@ -275,6 +275,10 @@ def _strict_from_env() -> bool:
 
 
 def _version(distribution: str) -> str | None:
+    if distribution == BUILTIN_DISTRIBUTION:  # also when run from a source tree (PYTHONPATH)
+        from quantoracle._version import __version__
+
+        return __version__
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:

@@ -69,17 +69,19 @@ class TuningCache(BaseModel):
     command: str = ""
     measurements: tuple[Measurement, ...] = ()
 
-    def mismatch(self, current: Fingerprint, backends: dict[str, str | None]) -> str | None:
+    def mismatch(self, current: Fingerprint, backends: dict[str, tuple[str, ...]]) -> str | None:
         """``None`` when this cache applies to answers made under ``current``, else why not.
-        ``backends``: the distribution of each measured backend's plugin (name -> distribution)."""
+        ``backends``: the distributions each backend depends on (its plugin's, its kernel
+        libraries')."""
         mine = self.fingerprint
         if self.match == "capability":
-            # a measured backend's distribution must be at the measured version where it is
-            # installed here; one not installed here serves nothing, so its rows cannot mislead
+            # a measured backend's distributions must be at the measured versions where they
+            # are installed here; a backend not installed here serves nothing, so its rows
+            # cannot mislead
             fields = ["device"]
             measured = {m.candidate.split("/")[0] for m in self.measurements}
-            dists = sorted({d for b, d in backends.items()
-                            if b in measured and d and current.package_version(d) is not None})
+            dists = sorted({d for b, ds in backends.items() if b in measured for d in ds
+                            if current.package_version(d) is not None})
         else:
             fields = ["device", "gpu_name", "sm_count", "memory_bytes", "driver", "cuda", "torch", "triton"]
             dists = sorted(dict(mine.packages) | dict(current.packages))
@@ -168,7 +170,7 @@ class Tuning:
         self.caches = caches
         self._indexes = [(source, cache, _Index(cache)) for source, cache in caches]
 
-    def applicable(self, current: Fingerprint, backends: dict[str, str | None]) -> tuple[list, list[str]]:
+    def applicable(self, current: Fingerprint, backends: dict[str, tuple[str, ...]]) -> tuple[list, list[str]]:
         """(the applicable (source, index) pairs in priority order, a note per cache that is not)."""
         usable, notes = [], []
         for source, cache, index in self._indexes:
