@@ -590,7 +590,7 @@ def test_the_fingerprint_lists_quantoracle_and_every_plugin_distribution(install
     res = resolve(LINEAR, registry=registry)
     packages = dict(res.fingerprint.packages)
     assert packages["trustfake"] == "0.3.1" and "quantoracle" in packages
-    assert res.fingerprint.packages == tuple(sorted((d, v or "unknown") for d, v in registry.distributions().items()))
+    assert {(d, v or "unknown") for d, v in registry.distributions().items()} <= set(res.fingerprint.packages)
     assert res.name == "trustfake" and res.fingerprint.device == "cpu" and res.fingerprint.gpu_name is None
     assert "trustfake 0.3.1" in res.fingerprint.describe()
 

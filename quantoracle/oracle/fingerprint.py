@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict
 
 from quantoracle.oracle.spec import Device
 
-SOFTWARE = ("torch", "triton")
+
+SOFTWARE = ("torch", "triton")  # fields of their own; packages holds plugins and kernel libraries
 
 
 class Fingerprint(BaseModel):
@@ -27,8 +28,9 @@ class Fingerprint(BaseModel):
       ``memory_bytes``, ``driver`` and ``cuda`` only when that device is this machine's GPU
       (``None`` for a device given by name, e.g. ``--device sm90`` on a laptop).
     - ``python``, ``torch``, ``triton``: versions installed here (``None``: not installed).
-    - ``packages``: every distribution providing a registered backend plugin, quantoracle
-      included, name -> version, sorted.
+    - ``packages``: every distribution answers depend on, name -> version, sorted: quantoracle,
+      each distribution providing a registered backend plugin, and each installed kernel library
+      a backend ``requires`` (the engine's ``_provenance`` lists them).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -48,10 +50,6 @@ class Fingerprint(BaseModel):
     def digest(self) -> str:
         """A short stable hash of every field (for logs and cache file names)."""
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
-
-    @property
-    def capability(self) -> str:
-        return self.device
 
     def package_version(self, distribution: str) -> str | None:
         return dict(self.packages).get(distribution)
