@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict
 
 from quantoracle.oracle.spec import Device
 
-
 SOFTWARE = ("torch", "triton")  # fields of their own; packages holds plugins and kernel libraries
 
 
@@ -30,7 +29,7 @@ class Fingerprint(BaseModel):
     - ``python``, ``torch``, ``triton``: versions installed here (``None``: not installed).
     - ``packages``: every distribution answers depend on, name -> version, sorted: quantoracle,
       each distribution providing a registered backend plugin, and each installed kernel library
-      a backend ``requires`` (the engine's ``_provenance`` lists them).
+      a backend ``requires`` other than torch and triton (the engine's ``_provenance`` lists them).
     """
 
     model_config = ConfigDict(frozen=True)
