@@ -325,6 +325,14 @@ def test_persisted_run_time_entries_are_read_again(tmp_path):
     assert [f.code for f in resolve(LINEAR, registry=registry, quarantine=path).rejections["exact"]] == ["quarantined"]
 
 
+def test_run_time_entries_are_persisted_as_json_only(tmp_path):
+    entry = QuarantineEntry(backend="exact", reason="found wrong")
+    with pytest.raises(QuarantineError, match=r"persist_to=.*q.toml.*name a .json file"):
+        add_runtime_entry(entry, persist_to=tmp_path / "q.toml")
+    assert resolve(LINEAR, registry=registry_with({"exact": EXACT})).name == "exact"  # nothing was added
+    assert not (tmp_path / "q.toml").exists()
+
+
 def test_first_use_can_persist_through_a_quarantine_file(tmp_path):
     """A layer given ``quarantine=`` reads that file; the entry the check adds stays in memory."""
     path = tmp_path / "q.json"
@@ -336,7 +344,7 @@ def test_first_use_can_persist_through_a_quarantine_file(tmp_path):
 
 @pytest.mark.parametrize("text, suffix, where", [
     ("{not json", ".json", "not valid json"),
-    ('{"entries": {"backend": "x"}}', ".json", "expected a list of entries"),
+    ('{"entries": {"backend": "x"}}', ".json", 'expected {"entries": [...]} or a list of entries'),
     ('[{"backend": "x"}]', ".json", "entry 0: field reason: Field required"),
     ('[{"backend": "x", "reason": "r"}, {"backend": "x", "reason": "r", "colour": 1}]', ".json",
      "entry 1: field colour: Extra inputs are not permitted"),
@@ -346,6 +354,9 @@ def test_first_use_can_persist_through_a_quarantine_file(tmp_path):
     ('[{"backend": "x", "reason": "r", "n": "wide"}]', ".json", "entry 0: field n:"),
     ("[[entry]]\nbackend = 1\n", ".toml", "entry 0: field backend"),
     ("[[entry]\n", ".toml", "not valid toml"),
+    ('{"entry": [{"backend": "x", "reason": "r"}]}', ".json", "unknown top-level key 'entry'"),
+    ('[[entries]]\nbackend = "x"\nreason = "r"\n', ".toml", "unknown top-level key 'entries'; write [[entry]] tables"),
+    ('["x"]', ".json", "entry 0: expected an object of fields, not 'x'"),
 ])
 def test_bad_files_name_file_entry_and_field(tmp_path, text, suffix, where):
     path = tmp_path / f"q{suffix}"

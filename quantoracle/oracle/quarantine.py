@@ -146,30 +146,34 @@ def load_entries(path: str | os.PathLike[str], source: str | None = None) -> tup
         if path.suffix == ".toml":
             import tomllib
 
-            raw: Any = tomllib.loads(text).get("entry", [])
+            data: Any = tomllib.loads(text)
+            key, form = "entry", "[[entry]] tables"
         else:
-            raw = json.loads(text) if text.strip() else []
-            raw = raw.get("entries", []) if isinstance(raw, dict) else raw
+            data = json.loads(text) if text.strip() else []
+            key, form = "entries", '{"entries": [...]} or a list of entries'
     except ImportError:
         raise QuarantineError(f"quarantine file {path}: TOML needs Python 3.11 or newer; write it as JSON") from None
     except ValueError as err:
         raise QuarantineError(f"quarantine file {path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({err})") from None
-    if not isinstance(raw, list):
-        raise QuarantineError(f"quarantine file {path}: expected a list of entries (JSON) or [[entry]] tables (TOML)")
+    if isinstance(data, dict):
+        unknown = sorted(set(data) - {key})
+        if unknown:  # a misspelt key would otherwise quarantine nothing, silently
+            raise QuarantineError(f"quarantine file {path}: unknown top-level key {', '.join(map(repr, unknown))}; "
+                                  f"write {form}")
+        data = data.get(key, [])
+    if not isinstance(data, list):
+        raise QuarantineError(f"quarantine file {path}: expected {form}")
     entries = []
-    for i, item in enumerate(raw):
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise QuarantineError(f"quarantine file {path}, entry {i}: expected an object of fields, not {item!r}")
         try:
             entries.append(QuarantineEntry.model_validate({**item, "source": source or str(path)}))
-        except (ValidationError, TypeError) as err:
-            raise QuarantineError(f"quarantine file {path}, entry {i}: {_first_error(err)}") from None
+        except ValidationError as err:
+            e = err.errors()[0]
+            raise QuarantineError(f"quarantine file {path}, entry {i}: field {'.'.join(map(str, e['loc'])) or '(entry)'}: "
+                                  f"{e['msg']}") from None
     return tuple(entries)
-
-
-def _first_error(err: Exception) -> str:
-    if isinstance(err, ValidationError):
-        e = err.errors()[0]
-        return f"field {'.'.join(map(str, e['loc'])) or '(entry)'}: {e['msg']}"
-    return str(err)
 
 
 _runtime: list[QuarantineEntry] = []
@@ -179,8 +183,12 @@ _runtime_generation = 0
 
 def add_runtime_entry(entry: QuarantineEntry, persist_to: str | os.PathLike[str] | None = None) -> None:
     """Quarantine ``entry`` for the rest of this process (the numerics check calls this), and
-    append it to the JSON file ``persist_to`` when given."""
+    append it to the JSON file ``persist_to`` when given (created if absent; a ``.toml`` path is
+    a :class:`~quantoracle.errors.QuarantineError`: entries are written as JSON only)."""
     global _runtime_generation
+    if persist_to is not None and Path(persist_to).suffix == ".toml":
+        raise QuarantineError(f"persist_to={str(persist_to)!r}: run-time entries are written as JSON; "
+                              "name a .json file (and pass it as quarantine= or $QUANTORACLE_QUARANTINE)")
     with _runtime_lock:
         _runtime.append(entry)
         _runtime_generation += 1
