@@ -138,7 +138,6 @@ KNOWN_BROKEN = {
     "docs/checkpoints.md": "snippets use placeholders (a downloaded model, rank/tp, model, calibrated) "
                            "without the marks; being edited by its owner",
     "docs/transformers.md": "the GPU snippet is not marked; being edited by its owner",
-    "docs/trust.md": "a snippet uses `weight` without defining it; being written by its owner",
 }
 """Documents whose snippets are known to fail and are being fixed by their owners: an expected
 failure (not strict: it passes once fixed). Remove an entry when its document passes."""
