@@ -206,3 +206,42 @@ def test_a_failing_command_is_reported(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(AssertionError, match="exited 2"):
         _run_command(["resolve", "no-such-checkpoint"], "doc.md:1")
+
+
+PENDING_DOCUMENTS = {"docs/plans.md": "the plans page (issue 11), being written"}
+"""Documents the docs link to that are being written. While one is missing, links to it are an
+expected failure; once it exists they are checked like any other."""
+LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings: lower case, punctuation dropped, spaces to
+    hyphens (fenced blocks skipped)."""
+    found, fenced = set(), False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if FENCE.match(line):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            found.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return found
+
+
+def test_relative_links_resolve():
+    missing, pending = [], []
+    for path in DOCUMENTS:
+        for match in LINK.finditer(path.read_text(encoding="utf-8")):
+            target = match["target"]
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file).resolve() if file else path
+            where = f"{path.relative_to(ROOT).as_posix()}: ({target})"
+            if not linked.exists():
+                name = linked.relative_to(ROOT).as_posix() if linked.is_relative_to(ROOT) else str(linked)
+                (pending if name in PENDING_DOCUMENTS else missing).append(where)
+            elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+                missing.append(f"{where}: no heading with that anchor")
+    assert not missing, "broken links:\n" + "\n".join(missing)
+    if pending:
+        pytest.xfail("links to documents being written: " + "; ".join(pending))
