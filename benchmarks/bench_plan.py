@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=list(BENCHMARK_SHAPES))
     parser.add_argument("--ladder", default=",".join(map(str, LADDER)))
     parser.add_argument("--layer-ms", default=",".join(map(str, LAYER_MS)))
+    parser.add_argument("--tuning", default=None, metavar="PATH",
+                        help="use this tuning cache instead of tuning first (steps 2-4 only)")
     args = parser.parse_args()
     require_cuda("bench_plan")
     device = Device.of("cuda")
@@ -56,14 +58,18 @@ def main() -> None:
     result = {"device": device_info(), "shapes": args.shapes, "ladder": ladder}
 
     start = time.time()
-    report = tune(problems, ladder=ladder, match="capability", progress=False,
-                  command="python3 benchmarks/bench_plan.py " + " ".join(sys.argv[1:]))
-    cache_path = os.path.join(args.out, "tuning.json")
+    cache_path = args.tuning or os.path.join(args.out, "tuning.json")
     os.makedirs(args.out, exist_ok=True)
-    report.cache.save(cache_path)
+    measured, result["prepare_s"], result["failures"] = [], {}, []
+    for shape, problem in zip(args.shapes, problems) if args.tuning is None else ():  # saved shape by shape: a cut-off run keeps what it measured
+        report = tune([problem], ladder=ladder, match="capability", progress=False,
+                      command="python3 benchmarks/bench_plan.py " + " ".join(sys.argv[1:]))
+        measured += report.cache.measurements
+        report.cache.model_copy(update={"measurements": tuple(measured)}).save(cache_path)
+        result["prepare_s"][shape], result["failures"] = report.prepare_s, result["failures"] + report.failures
+        print(f"tune {shape}: {len(report.cache.measurements)} measurements, prepare {report.prepare_s}, "
+              f"{time.time() - start:.0f} s so far; failures: {report.failures}", flush=True)
     result["tune_s"] = round(time.time() - start, 1)
-    result["prepare_s"], result["failures"] = report.prepare_s, report.failures
-    print(f"tune: {len(report.cache.measurements)} measurements in {result['tune_s']} s; failures: {report.failures}")
 
     result["plans"] = {}
     for shape, problem in zip(args.shapes, problems):

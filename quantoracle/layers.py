@@ -136,21 +136,27 @@ class _ResolvedLayer(nn.Module):
         return text
 
 
-def _tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
-    """Bytes of the distinct tensors reachable from ``obj`` (attributes, tuples, lists, dicts)."""
+def _tensor_bytes(obj: Any, seen: set | None = None) -> int:
+    """Bytes of the distinct tensor storages reachable from ``obj`` through dataclass fields,
+    named tuples, tuples, lists and dicts (what prepared states are made of); other objects are
+    not entered (they may hold caches, modules or cycles)."""
     seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
     if isinstance(obj, torch.Tensor):
-        key = obj.untyped_storage().data_ptr()
-        if key in seen:
+        storage = obj.untyped_storage()
+        if ("storage", storage.data_ptr()) in seen:
             return 0
-        seen.add(key)
-        return obj.untyped_storage().nbytes()
+        seen.add(("storage", storage.data_ptr()))
+        return storage.nbytes()
     if isinstance(obj, dict):
         return sum(_tensor_bytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):
         return sum(_tensor_bytes(v, seen) for v in obj)
-    fields = getattr(obj, "__dict__", None) or {f: getattr(obj, f) for f in getattr(obj, "__slots__", ())}
-    return sum(_tensor_bytes(v, seen) for v in fields.values()) if fields else 0
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(_tensor_bytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
+    return 0
 
 
 _RESOLVE_OPTIONS = ("force", "exclude", "activation_fallback", "registry", "layouts", "quarantine", "tuning",

@@ -210,13 +210,23 @@ def _one_layout(free: list[Resolution], segments, registry: Registry, problem: P
     return min(options, key=lambda o: o[:3])[3]
 
 
+UNMEASURED_SLOWDOWN = math.log(1e3)
+"""What a bucket served by an unmeasured candidate costs a layout where the unconstrained choice
+was measured: as much as being 1000x slower (unknown is never preferred to measured)."""
+
+
 def _slowdown(restricted: list[Resolution], free: list[Resolution]) -> float:
     total = 0.0
     for mine, best in zip(restricted, free):
-        if best.decided_by and mine.label in best.decided_by.costs and best.label in best.decided_by.costs:
-            total += math.log(best.decided_by.costs[mine.label] / best.decided_by.costs[best.label])
-        elif mine.label != best.label:
-            total += 1e-6  # unmeasured: prefer the layouts the unconstrained choice uses
+        if mine.label == best.label:
+            continue
+        costs = best.decided_by.costs if best.decided_by else {}
+        if mine.label in costs and best.label in costs:
+            total += math.log(costs[mine.label] / costs[best.label])
+        elif best.label in costs:
+            total += UNMEASURED_SLOWDOWN
+        else:
+            total += 1e-6  # nothing measured: prefer the layouts the unconstrained choice uses
     return total
 
 
