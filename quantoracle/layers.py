@@ -81,7 +81,8 @@ class _ResolvedLayer(nn.Module):
             self.verification = (*replaced, *checks)
             return False
         res = self._serve(failed.tokens)[0]
-        if policy == "strict":
+        if policy == "strict" or any(c.label == failed.label for c in failures):
+            # a candidate failing again was not removed by its quarantine entry: never loop
             raise numerics.failure_error(failed, res)
         add_runtime_entry(numerics.quarantine_entry(res, failed))
         log.warning("%s: %s; quarantined for this process, planning again", self.layer_name or "layer",
@@ -326,6 +327,9 @@ class NVFP4Linear(_ResolvedLayer):
         return cls(weight, scheme=entry.scheme, parallel=parallel, name=name, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x[..., K]`` floating point, at least 2-D (int and bool are refused) -> ``[..., N]``.
+        Raises :class:`~quantoracle.errors.InputError` for a wrong shape or dtype
+        (:mod:`quantoracle.layer_inputs`). The plan's bucket is picked from the rows of ``x``."""
         layer_inputs.check_linear_input(self, x)
         p = self.resolution.problem.parallel
         if p.tp_size > 1 and p.tp_dim == "row" and not self.input_is_parallel:
@@ -460,7 +464,10 @@ class NVFP4FusedMoE(_ResolvedLayer):
         return self.forward_routed(x, topk_weights, topk_ids)
 
     def forward_routed(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """The experts alone: ``x[M, H]``, ``topk_weights[M, k]``, global ``topk_ids[M, k]``."""
+        """The experts alone: ``x[M, H]``, ``topk_weights[M, k]``, global ``topk_ids[M, k]``
+        (integer). Raises :class:`~quantoracle.errors.InputError` (:mod:`quantoracle.layer_inputs`):
+        shapes and dtypes always; expert-id range on CPU tensors always, on a GPU only with
+        ``QUANTORACLE_CHECK_INPUTS=1`` (it would synchronize). The plan's bucket is picked from M."""
         layer_inputs.check_routed_input(self, x, topk_weights, topk_ids)
         res, prepared = self._serve(x.shape[0])
         y = res.backend.apply(prepared, x.to(self.dtype), topk_weights, topk_ids, variant=res.variant)

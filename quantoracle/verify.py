@@ -188,7 +188,7 @@ def quarantine_entry(resolution: Resolution, check: Check) -> QuarantineEntry:
 
 def failure_error(check: Check, resolution: Resolution) -> NumericsCheckError:
     return NumericsCheckError(
-        f"numerics check (verify='strict'): {check.describe()} for {resolution.problem}; the backend "
+        f"numerics check: {check.describe()} for {resolution.problem}; the backend "
         f"disagrees with the exact reference. Exclude it (exclude=[{resolution.label!r}] or --exclude), or "
         "use verify='first_use' to quarantine it and serve the layer with the next candidate"
     )
