@@ -24,6 +24,7 @@ import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -220,8 +221,13 @@ def user_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quantoracle" / "tuning.json"
 
 
+@lru_cache(maxsize=1)
+def _shipped() -> tuple[Path, ...]:
+    return tuple(sorted(SHIPPED_DIR.glob("tuning_*.json")))  # installed files: read once
+
+
 def shipped_caches() -> list[Path]:
-    return sorted(SHIPPED_DIR.glob("tuning_*.json"))
+    return list(_shipped())
 
 
 def load_tuning(option: str | os.PathLike[str] | None) -> Tuning:
@@ -247,16 +253,19 @@ def _source_name(path: Path) -> str:
 
 
 def cache_key(option: str | os.PathLike[str] | None) -> tuple:
-    """What :func:`load_tuning`'s result depends on: the option, the variable, and the files'
-    modification times (a rewritten cache is re-read)."""
-    paths = [option or os.environ.get(ENV_TUNING), user_cache(), *shipped_caches()]
-    stamps = []
-    for p in paths:
-        try:
-            stamps.append((str(p), os.stat(p).st_mtime_ns) if p and p != "none" else (str(p), None))
-        except OSError:
-            stamps.append((str(p), None))
-    return (str(option), tuple(stamps))
+    """What :func:`load_tuning`'s result depends on: the option, the variable, and the
+    modification times of the explicit and user caches (a rewritten cache is re-read; the
+    shipped ones are installed files). Called on every resolve: a few stats, no globbing."""
+    explicit = option or os.environ.get(ENV_TUNING)
+    user = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "quantoracle", "tuning.json")
+    return (str(option), str(explicit), _mtime(explicit), user, _mtime(user))
+
+
+def _mtime(path: str | os.PathLike[str] | None) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns if path and path != "none" else None
+    except OSError:
+        return None
 
 
 __all__ = ["Decision", "LADDER", "Measurement", "Tuning", "TuningCache", "load_tuning", "nearest_ladder", "user_cache"]
