@@ -24,8 +24,7 @@ import torch
 
 from quantoracle.errors import DeviceError
 from quantoracle.oracle import Problem, resolve
-from quantoracle.oracle.engine import _provenance
-from quantoracle.oracle.fingerprint import fingerprint
+from quantoracle.oracle.engine import fingerprint_for
 from quantoracle.oracle.registry import Registry, default_registry
 from quantoracle.oracle.tuning import LADDER, Measurement, TuningCache
 from quantoracle.schemes.tensors import MoEWeights
@@ -70,9 +69,7 @@ def tune(
             raise DeviceError(f"tune: problem {problem} is for {problem.device}, this GPU is sm{here[0]}{here[1]}")
         measurements += _tune_problem(problem, ladder, registry, target_s, report, bar)
     bar.close()
-    packages, _, _ = _provenance(registry, registry.generation)
-    first = problems[0] if problems else None
-    fp = fingerprint(first.device, packages) if first else None
+    fp = fingerprint_for(problems[0].device, registry) if problems else None
     report.cache = TuningCache(fingerprint=fp, match=match, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                command=command, measurements=tuple(measurements))
     return report

@@ -155,3 +155,72 @@ def test_example_plugin_is_a_complete_backend():
     module = load_example_plugin()
     (backend,) = module.quantoracle_backends()
     assert backend.spec.name == "example_w4a4"
+
+
+def test_bad_arguments_are_typed_errors_not_tracebacks_from_inside(registry, monkeypatch):
+    from quantoracle.errors import DeviceError, OptionError, SchemeError
+    from quantoracle.schemes.scheme import Scheme
+
+    for text in ("sm00", "sm0", None, 90):
+        with pytest.raises(DeviceError, match="sm90"):
+            Device.parse(text)
+    with pytest.raises(SchemeError, match="not a string"):
+        Scheme.from_name(None)
+    problem = moe(W4A16_NVFP4)
+    assert resolve(problem, registry=registry, exclude=None).name == "triton_nvfp4"
+    as_dict = resolve(problem.model_dump(), registry=registry)
+    assert as_dict.problem == problem
+    with pytest.raises(ProblemError, match="must be a Problem"):
+        resolve("moe", registry=registry)
+    with pytest.raises(ProblemError, match="problem field top_k"):
+        resolve({**problem.model_dump(), "top_k": "eight"}, registry=registry)
+    with pytest.raises(OptionError, match="also excluded"):
+        resolve(problem, registry=registry, force="reference", exclude=("reference",))
+    with pytest.raises(OptionError, match="tokens=0"):
+        resolve(problem, registry=registry, tokens=0)
+    monkeypatch.setenv("QUANTORACLE_BACKEND", "reference")
+    forced = resolve(problem, registry=registry)
+    assert forced.forced_by == "$QUANTORACLE_BACKEND" and "forced by $QUANTORACLE_BACKEND" in forced.explain()
+
+
+def test_capability_sets_and_per_dtype_capabilities_are_rules():
+    from quantoracle.backends.base import KernelBackend
+    from quantoracle.oracle import BackendSpec, SchemeSupport, hookimpl
+    from quantoracle.oracle.spec import describe_capabilities
+    from quantoracle.schemes.keys import NVFP4_WEIGHT
+
+    spec = BackendSpec(name="families", layer_kinds={"linear"}, schemes=(SchemeSupport(weight=NVFP4_WEIGHT),),
+                       platforms={"cuda"}, capabilities=("sm100-sm101", "sm120"),
+                       dtype_capabilities={"bfloat16": ("sm120",)})
+    assert describe_capabilities(spec.capabilities) == "sm100 to sm101, sm120"
+    assert str(BackendSpec(name="a", layer_kinds={"linear"}, schemes=(), platforms={"cuda"},
+                           min_capability=(8, 0)).capabilities[0]) == "sm80 or newer"
+
+    class Plugin:
+        @hookimpl
+        def quantoracle_backends(self):
+            return [KernelBackend(spec, lambda: None)]
+
+    registry = Registry(builtins=False, entry_points=False)
+    registry.register(Plugin(), name="families")
+
+    def codes(device, dtype="float16"):
+        problem = Problem(kind="linear", scheme=W4A16_NVFP4, device=Device.parse(device), dtype=dtype, n=64, k=64)
+        try:
+            resolve(problem, registry=registry)
+            return set()
+        except NoBackendError as err:
+            return {f.code for f in err.rejections["families"]}
+
+    assert codes("sm100") == codes("sm101") == codes("sm120") == set()
+    assert codes("sm103") == codes("sm110") == codes("sm90") == {"capability"}
+    assert codes("sm100", "bfloat16") == {"dtype"} and codes("sm120", "bfloat16") == set()
+
+
+def test_the_fallback_note_names_the_rule_that_stopped_the_native_path(registry):
+    res = resolve(moe(W4A4_NVFP4), registry=registry)
+    assert "example_w4a4 is rejected by [capability]" in res.note
+    text = res.explain()
+    # as asked first: the native backend's real reason comes before the weight-only table
+    assert text.index("as asked") < text.index("served as w4a16_nvfp4") < text.index("ranked")
+    assert "capability" in text.split("served as")[0]

@@ -10,7 +10,7 @@ from typing import Any
 from quantoracle._version import __version__
 from quantoracle.cli.options import ORACLE_DEVICES, DeviceChoice, add_json, oracle_device
 from quantoracle.oracle import default_registry
-from quantoracle.oracle.engine import _provenance, environment
+from quantoracle.oracle.engine import environment, provenance
 from quantoracle.oracle.fingerprint import fingerprint
 from quantoracle.oracle.quarantine import ENV_QUARANTINE
 from quantoracle.oracle.registry import Registry
@@ -45,8 +45,8 @@ def report(choice: DeviceChoice, quarantine: str | None = None, tuning: str | No
     with ``applies`` and, when not, ``why_not``). Raises what a resolve with these options
     raises for a bad quarantine file or tuning cache."""
     registry = registry or default_registry()
-    # what every resolve computes (engine._provenance), not a second copy of it
-    packages, _, distributions = _provenance(registry, registry.generation)
+    # what every resolve computes (engine.provenance), not a second copy of it
+    packages, _, distributions = provenance(registry)
     fp = fingerprint(choice.device, packages)
     env = environment(quarantine, tuning)
     origins = {name: registry.origin(name) for name in registry.backends}

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import ValidationError
 
@@ -392,6 +392,28 @@ def candidates(registry: Registry, kind: str) -> dict[str, Candidate]:
     serves the kind (a backend none of whose variants does stays one candidate, rejected by
     ``layer_kind``)."""
     return _candidates(registry, registry.generation, kind)
+
+
+class Provenance(NamedTuple):
+    """What answers depend on besides problem and options, per registry state: ``packages``
+    (every plugin distribution and kernel library with its version, sorted: the fingerprint's),
+    ``versions`` (each backend's plugin distribution version) and ``distributions`` (each
+    backend's plugin and kernel-library distributions: what a tuning cache is matched on)."""
+
+    packages: tuple[tuple[str, str], ...]
+    versions: dict[str, str | None]
+    distributions: dict[str, tuple[str, ...]]
+
+
+def provenance(registry: Registry | None = None) -> Provenance:
+    """The :class:`Provenance` of ``registry`` (default: the process-wide one); cached."""
+    registry = registry or default_registry()
+    return Provenance(*_provenance(registry, registry.generation))
+
+
+def fingerprint_for(device: Any, registry: Registry | None = None) -> Fingerprint:
+    """The fingerprint answers about ``device`` (a :class:`Device`) carry here."""
+    return fingerprint(device, provenance(registry).packages)
 
 
 @lru_cache(maxsize=16)

@@ -29,7 +29,7 @@ class Fingerprint(BaseModel):
     - ``python``, ``torch``, ``triton``: versions installed here (``None``: not installed).
     - ``packages``: every distribution answers depend on, name -> version, sorted: quantoracle,
       each distribution providing a registered backend plugin, and each installed kernel library
-      a backend ``requires`` other than torch and triton (the engine's ``_provenance`` lists them).
+      a backend ``requires`` other than torch and triton (the engine's ``provenance`` lists them).
     """
 
     model_config = ConfigDict(frozen=True)

@@ -134,6 +134,13 @@ def dtype(spec: BackendSpec, p: Problem, ctx: Context) -> RuleFailure | None:
     if p.dtype not in spec.dtypes:
         return _fail("dtype", p.dtype, _join(spec.dtypes),
                      f"activation dtype {p.dtype}: this backend computes in {_join(spec.dtypes)}")
+    needs = dict(spec.dtype_capabilities).get(p.dtype)
+    cap = p.device.capability
+    if needs and cap is not None and not any(r.contains(cap) for r in needs):
+        accepted = describe_capabilities(needs)
+        return _fail("dtype", f"{p.dtype} on {p.device}", f"{p.dtype} on {accepted}",
+                     f"activation dtype {p.dtype} on compute capability {p.device}: this backend "
+                     f"computes in {p.dtype} on {accepted} only")
     return None
 
 

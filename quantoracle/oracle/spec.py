@@ -338,6 +338,9 @@ class BackendSpec(_Frozen):
       only (``None``: no upper limit).
     - ``layout``: the name of the weight layout ``prepare`` makes (``None``: the backend's name).
     - ``variants``: named internal paths, each its own candidate (:class:`Variant`).
+    - ``dtype_capabilities``: per activation dtype, the capabilities it needs beyond
+      ``capabilities`` (e.g. ``{"bfloat16": "sm80+"}`` for a backend that runs fp16 on sm75 but
+      bf16 only from Ampere); a dtype not named needs nothing more.
     - ``install``: what to run when a ``requires`` module is missing.
     """
 
@@ -348,6 +351,7 @@ class BackendSpec(_Frozen):
     platforms: frozenset[Platform]
     capabilities: tuple[CapabilityRange, ...] = ()
     dtypes: frozenset[ActivationDtype] = frozenset(ACTIVATION_DTYPES)
+    dtype_capabilities: tuple[tuple[ActivationDtype, tuple[CapabilityRange, ...]], ...] = ()
     moe_activations: frozenset[str] = frozenset({"silu"})
     n_multiple_of: int = 1
     k_multiple_of: int = 1
@@ -381,6 +385,12 @@ class BackendSpec(_Frozen):
         if isinstance(v, str):
             v = (v,)
         return tuple(CapabilityRange.parse(x) if isinstance(x, str) else x for x in v)
+
+    @field_validator("dtype_capabilities", mode="before")
+    @classmethod
+    def _parse_dtype_capabilities(cls, v: Any) -> Any:
+        items = v.items() if isinstance(v, dict) else v
+        return tuple((dtype, cls._parse_capabilities(ranges)) for dtype, ranges in items)
 
     @field_validator("name")
     @classmethod

@@ -39,6 +39,8 @@ class Scheme(BaseModel):
     def from_name(cls, name: str) -> "Scheme":
         """``Scheme.from_name("w4a16_nvfp4")``; case-insensitive. Raises :class:`SchemeError`
         listing the known names."""
+        if not isinstance(name, str):
+            raise SchemeError(f"scheme name {name!r} is not a string; known: {', '.join(SCHEMES)}")
         try:
             return SCHEMES[name.lower()]
         except KeyError:
