@@ -128,11 +128,11 @@ class QuantizedModel:
 
     def __init__(
         self, cfg: ToyConfig, checkpoint_dir: Path, device: torch.device, dtype: torch.dtype,
-        activation_fallback: ActivationFallback,
+        activation_fallback: ActivationFallback, verify: str | None = None,
     ) -> None:
         self.cfg = cfg
         ckpt = Checkpoint.open(checkpoint_dir)
-        options = dict(dtype=dtype, activation_fallback=activation_fallback)
+        options = dict(dtype=dtype, activation_fallback=activation_fallback, verify=verify)
         self.dense_layers = [
             NVFP4Linear.from_checkpoint(ckpt, _module(layer, "self_attn.o_proj"), device=device, **options)
             for layer in range(cfg.layers)
@@ -208,9 +208,11 @@ VARIANTS: tuple[tuple[str, Scheme, ActivationFallback], ...] = (
 
 
 def run(device: torch.device | None = None, cfg: ToyConfig | None = None, workdir: Path | None = None,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, verify: str | None = None) -> dict[str, Any]:
     """Run the demo; return a JSON-ready report (``quantoracle demo --json`` prints it). Every
-    ``*_ms`` is the median of ``report["timing"]["runs"]`` calls of the whole model."""
+    ``*_ms`` is the median of ``report["timing"]["runs"]`` calls of the whole model. ``verify``:
+    the layers' numerics-check policy (:mod:`quantoracle.verify`; default ``$QUANTORACLE_VERIFY``,
+    else ``"first_use"``); each layer's checks are in the report."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = cfg or ToyConfig.for_device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -231,7 +233,7 @@ def run(device: torch.device | None = None, cfg: ToyConfig | None = None, workdi
                 written[label] = Path(tmp) / label.lower()
                 write_checkpoint(written[label], state, scheme, input_amax=float_model.amax, progress=progress)
                 report.setdefault("weight_rel_error", weight_error(written[label], state))
-            model = QuantizedModel(cfg, written[label], device, dtype, policy)
+            model = QuantizedModel(cfg, written[label], device, dtype, policy, verify)
             got = model(x).float()
             seconds = _time(lambda: model(x), device)
             report["variants"].append({
@@ -239,7 +241,8 @@ def run(device: torch.device | None = None, cfg: ToyConfig | None = None, workdi
                 "rel_error": float((got - want).norm() / want.norm()),
                 "ms": seconds * 1e3,
                 "layers": [{"name": m.layer_name, "scheme": m.resolution.problem.scheme.name,
-                            "backend": m.backend, "fallback": m.resolution.fallback}
+                            "backend": m.backend, "fallback": m.resolution.fallback,
+                            "plan": m.plan.to_list(), "verification": [c.describe() for c in m.verification]}
                            for m in model.layers()],
                 "weight_bytes": sum(m.weight_bytes for m in model.layers()),
             })

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from quantoracle.cli.options import TORCH_DEVICES, add_json, add_quiet, show_progress, torch_device
 from quantoracle.report import table
+from quantoracle.verify import VERIFY_POLICIES
 
 HELP = "write a small NVFP4 MoE checkpoint, resolve and run it, compare with bf16"
 
@@ -23,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_json(parser, "the report")
     parser.add_argument("--out", default=None, metavar="FILE",
                         help="also write the JSON report to FILE (its directory is created if missing)")
+    parser.add_argument("--verify", default=None, choices=VERIFY_POLICIES,
+                        help="numerics check of each layer's backend against reference when it is built "
+                             "(default: $QUANTORACLE_VERIFY, else first_use; docs/trust.md)")
     add_quiet(parser)
     parser.set_defaults(run=run)
 
@@ -34,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:  # before the run: a bad destination should not cost the whole demo
         out.parent.mkdir(parents=True, exist_ok=True)
-    report = demo.run(device=device, progress=show_progress(args) and not args.json)
+    report = demo.run(device=device, progress=show_progress(args) and not args.json, verify=args.verify)
     if out is not None:
         out.write_text(json.dumps(report, indent=2))
     if args.json:
