@@ -21,7 +21,6 @@ the document's own file name and line in the traceback.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -40,10 +39,6 @@ FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
 NEEDS = re.compile(r"#\s*needs (a CUDA GPU|CUDA GPUs|a downloaded model)\b")
 """The marks of a snippet a CPU machine cannot run (see the module docstring)."""
 SHELL_LANGUAGES = {"sh", "bash", "shell", "console"}
-PENDING_COMMANDS = {"env": "issue 14", "verify": "issue 14", "tune": "issue 11"}
-"""Commands the docs describe that are being added to the CLI (by the issue named). While one is
-missing, its lines are not run and the document's test is an expected failure (after every
-other snippet ran); once it exists, its lines run like any other. Remove an entry once it landed."""
 COMMAND = re.compile(r"^(?:\$\s+)?(?:quantoracle|python3? -m quantoracle)(?:\s|$)")
 
 
@@ -115,14 +110,6 @@ def _run_python(block: Block, namespace: dict, where: str) -> None:
                     pytrace=False)
 
 
-def cli_commands() -> set[str]:
-    from quantoracle.cli import build_parser
-
-    parser = build_parser()
-    return {name for action in parser._actions if isinstance(action, argparse._SubParsersAction)
-            for name in action.choices}
-
-
 def _run_command(argv: list[str], where: str) -> None:
     from quantoracle.cli import main
 
@@ -160,23 +147,17 @@ def test_snippets_run_on_cpu(path: Path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     document = path.relative_to(ROOT).as_posix()
     namespace: dict = {"__name__": "__main__"}
-    available, pending = cli_commands(), []
     for block in blocks(path):
         if block.language == "python" and not block.marked:
             _run_python(block, namespace, str(path))
         elif block.language in SHELL_LANGUAGES:
             for line, argv in commands(block):
-                if argv and argv[0] in PENDING_COMMANDS and argv[0] not in available:
-                    pending.append(f"{document}:{line} quantoracle {argv[0]} ({PENDING_COMMANDS[argv[0]]})")
-                else:
-                    _run_command(argv, f"{document}:{line}")
+                _run_command(argv, f"{document}:{line}")
         elif block.language == "json":
             try:
                 json.loads(block.text)
             except json.JSONDecodeError as err:
                 pytest.fail(f"{document}:{block.line}: the json block does not parse: {err}")
-    if pending:
-        pytest.xfail("not yet in the CLI, not run: " + "; ".join(pending))
 
 
 # The parser and the convention themselves.
@@ -208,9 +189,6 @@ def test_a_failing_command_is_reported(tmp_path, monkeypatch):
         _run_command(["resolve", "no-such-checkpoint"], "doc.md:1")
 
 
-PENDING_DOCUMENTS = {"docs/plans.md": "the plans page (issue 11), being written"}
-"""Documents the docs link to that are being written. While one is missing, links to it are an
-expected failure; once it exists they are checked like any other."""
 LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
 
 
@@ -228,7 +206,7 @@ def anchors(path: Path) -> set[str]:
 
 
 def test_relative_links_resolve():
-    missing, pending = [], []
+    missing = []
     for path in DOCUMENTS:
         for match in LINK.finditer(path.read_text(encoding="utf-8")):
             target = match["target"]
@@ -238,10 +216,7 @@ def test_relative_links_resolve():
             linked = (path.parent / file).resolve() if file else path
             where = f"{path.relative_to(ROOT).as_posix()}: ({target})"
             if not linked.exists():
-                name = linked.relative_to(ROOT).as_posix() if linked.is_relative_to(ROOT) else str(linked)
-                (pending if name in PENDING_DOCUMENTS else missing).append(where)
+                missing.append(where)
             elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
                 missing.append(f"{where}: no heading with that anchor")
     assert not missing, "broken links:\n" + "\n".join(missing)
-    if pending:
-        pytest.xfail("links to documents being written: " + "; ".join(pending))
