@@ -272,12 +272,22 @@ def test_the_shipped_entry_rejects_quarantine_selftest_and_nothing_else():
     res = resolve(LINEAR, registry=registry)
     (failure,) = res.rejections["quarantine_selftest"]
     assert failure.code == "quarantined" and failure.found == "quarantine_selftest"
-    (shipped,) = load_entries(SHIPPED)
+    (shipped,) = [e for e in load_entries(SHIPPED) if e.backend == "quarantine_selftest"]
     assert f"quarantined by shipped quarantine: {shipped.reason} ({shipped.link})" in failure.message
     assert res.name == "exact" and "exact" not in res.rejections and "reference" in res.survivors
     assert "shipped" in res.quarantine_sources
     allowed = resolve(LINEAR, registry=registry, allow_quarantined=True)
     assert "quarantine_selftest" in allowed.survivors and allowed.quarantine_sources == ()
+
+
+def test_the_shipped_humming_entry_keeps_humming_out_of_dense_layers_from_two_tokens_on_sm90():
+    (entry,) = [e for e in load_entries(SHIPPED) if e.backend == "humming"]
+    dense = Problem(kind="linear", scheme=W4A16_NVFP4, device=Device.parse("sm90"), n=4096, k=4096)
+    moe = Problem(kind="moe", scheme=W4A16_NVFP4, device=Device.parse("sm90"), n=512, k=2048, experts=256, top_k=8)
+    assert not entry.matches("humming", None, dense, 1, None, None)
+    assert entry.matches("humming", None, dense, 2, None, None) and entry.matches("humming", None, dense, None, None, None)
+    assert not entry.matches("humming", None, moe, 64, None, None)
+    assert not entry.matches("humming", None, dense.model_copy(update={"device": Device.parse("sm100")}), 64, None, None)
 
 
 def test_force_of_a_quarantined_backend_is_an_error_unless_allowed():

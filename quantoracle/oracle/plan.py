@@ -57,7 +57,9 @@ class Bucket:
 
     @property
     def range(self) -> str:
-        return f"{self.min_tokens}+" if self.max_tokens is None else f"{self.min_tokens}-{self.max_tokens}"
+        if self.max_tokens is None:
+            return f"{self.min_tokens}+"
+        return str(self.min_tokens) if self.max_tokens == self.min_tokens else f"{self.min_tokens}-{self.max_tokens}"
 
     def decided_by(self) -> str:
         res = self.resolution
