@@ -38,7 +38,9 @@ from quantoracle.oracle.engine import (
     _resolve,
     candidates,
     environment,
+    provenance,
 )
+from quantoracle.oracle.fingerprint import fingerprint
 from quantoracle.oracle.registry import Registry, default_registry
 from quantoracle.oracle.spec import Problem
 from quantoracle.oracle.tuning import Tuning
@@ -241,10 +243,7 @@ def _breakpoints(registry: Registry, problem: Problem, env: Environment) -> list
             points.add(c.spec.max_tokens + 1)
     for entry in env.quarantine:
         points.update(entry.token_bounds)
-    from quantoracle.oracle.engine import _provenance
-    from quantoracle.oracle.fingerprint import fingerprint
-
-    packages, _, distributions = _provenance(registry, registry.generation)
+    packages, _, distributions = provenance(registry)
     usable, _ = env.tuning.applicable(fingerprint(problem.device, packages), distributions)
     for effective in {problem, problem.with_scheme(problem.scheme.as_weight_only())}:
         points.update(Tuning.breakpoints(usable, effective))

@@ -183,36 +183,39 @@ class Tuning:
         return usable, notes
 
     @staticmethod
-    def decide(usable: list, problem: Problem, tokens: int) -> Decision | None:
-        """The measurement for ``problem`` at ``tokens`` from the first applicable cache that
-        has the problem's kind, served scheme and dtype."""
+    def _nearest(usable: list, problem: Problem) -> tuple[str, tuple, dict[int, dict[str, float]]] | None:
+        """(source, measured shape, its measurements by token count) of the first applicable
+        cache holding the problem's kind, served scheme and dtype: the shape nearest in log scale."""
         key = (problem.kind, problem.scheme.name, problem.dtype)
         want = (problem.n, problem.k, problem.experts, problem.top_k)
         for source, index in usable:
             shapes = index.groups.get(key)
-            if not shapes:
-                continue
-            shape = min(shapes, key=lambda s: (_log_distance(s, want), s))
-            by_tokens = shapes[shape]
-            ladder = tuple(sorted(by_tokens))
-            m = nearest_ladder(tokens, ladder)
-            return Decision(source, _shape_text(problem.kind, shape), m, dict(by_tokens[m]))
+            if shapes:
+                shape = min(shapes, key=lambda s: (_log_distance(s, want), s))
+                return source, shape, shapes[shape]
         return None
+
+    @staticmethod
+    def decide(usable: list, problem: Problem, tokens: int) -> Decision | None:
+        """The measurement for ``problem`` at ``tokens``: the nearest shape's (:meth:`_nearest`)
+        at the ladder point nearest to ``tokens``."""
+        found = Tuning._nearest(usable, problem)
+        if found is None:
+            return None
+        source, shape, by_tokens = found
+        m = nearest_ladder(tokens, tuple(sorted(by_tokens)))
+        return Decision(source, _shape_text(problem.kind, shape), m, dict(by_tokens[m]))
 
     @staticmethod
     def breakpoints(usable: list, problem: Problem) -> tuple[int, ...]:
         """The token counts where :meth:`decide`'s answer can change (first M of each ladder
         point's log-nearest range)."""
-        key = (problem.kind, problem.scheme.name, problem.dtype)
-        want = (problem.n, problem.k, problem.experts, problem.top_k)
-        for _, index in usable:
-            shapes = index.groups.get(key)
-            if not shapes:
-                continue
-            ladder = sorted(shapes[min(shapes, key=lambda s: (_log_distance(s, want), s))])
-            # the first M whose nearest point is ladder[i+1]: just above the geometric midpoint
-            return tuple(math.floor(math.sqrt(a * b)) + 1 for a, b in zip(ladder, ladder[1:]))
-        return ()
+        found = Tuning._nearest(usable, problem)
+        if found is None:
+            return ()
+        ladder = sorted(found[2])
+        # the first M whose nearest point is ladder[i+1]: just above the geometric midpoint
+        return tuple(math.floor(math.sqrt(a * b)) + 1 for a, b in zip(ladder, ladder[1:]))
 
 
 def user_cache() -> Path:
