@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from quantoracle._version import __version__
-from quantoracle.cli import backends, bench, demo, env, matrix, quantize, resolve, tune, verify
+from quantoracle.cli import backends, bench, calibrate, demo, env, matrix, quantize, resolve, tune, verify
 from quantoracle.cli.options import Parser, UsageError
 from quantoracle.errors import QuantoracleError
 from quantoracle.oracle import NoBackendError
 
-COMMANDS = (demo, resolve, backends, matrix, quantize, tune, bench, env, verify)
+COMMANDS = (demo, resolve, backends, matrix, calibrate, quantize, tune, bench, env, verify)
 """The command modules, in the order ``--help`` lists them."""
 
 EXIT_CODES = {

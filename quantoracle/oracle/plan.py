@@ -120,8 +120,6 @@ class Plan:
         width = max(len(b.range) for b in self.buckets)
         for b in self.buckets:
             lines.append(f"  M {b.range:<{width}}  {b.resolution.label:<28} {b.decided_by()}")
-        for note in self.first.notes:
-            lines.append(f"note    : {note}")
         fp = self.first.fingerprint
         if fp is not None:
             lines.append(f"env     : {fp.describe()}")

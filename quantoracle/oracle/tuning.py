@@ -178,7 +178,8 @@ class Tuning:
             why = cache.mismatch(current, backends)
             if why is None:
                 usable.append((source, index))
-            else:
+            elif not (source.startswith("shipped ") and cache.fingerprint.device != current.device):
+                # a shipped cache for another device class is not stale, just not for here
                 notes.append(f"tuning cache {source} not used: its fingerprint does not match ({why})")
         return usable, notes
 
