@@ -96,11 +96,6 @@ class Plan:
         bucket = next(b for b in self.buckets if b.covers(tokens))
         return bucket.resolution if tokens == bucket.min_tokens else self.resolver(tokens)
 
-    def bucket_index(self, tokens: int) -> int:
-        """Which bucket serves ``tokens`` (0 for an empty batch: layers pass 0 rows through the
-        first bucket's kernel)."""
-        return next((i for i, b in enumerate(self.buckets) if b.covers(max(tokens, 1))))
-
     @property
     def layouts(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(b.resolution.layout for b in self.buckets))
