@@ -121,25 +121,7 @@ def _run_command(argv: list[str], where: str) -> None:
         f"\nstderr:\n{stderr.getvalue()[-3000:]}")
 
 
-KNOWN_BROKEN = {
-    "docs/checkpoints.md": "snippets use placeholders (a downloaded model, rank/tp, model, calibrated) "
-                           "without the marks; being edited by its owner",
-    "docs/transformers.md": "the GPU snippet is not marked; being edited by its owner",
-}
-"""Documents whose snippets are known to fail and are being fixed by their owners: an expected
-failure (not strict: it passes once fixed). Remove an entry when its document passes."""
-
-
-def _document_params() -> list:
-    params = []
-    for path in DOCUMENTS:
-        name = path.relative_to(ROOT).as_posix()
-        marks = [pytest.mark.xfail(reason=KNOWN_BROKEN[name], strict=False)] if name in KNOWN_BROKEN else []
-        params.append(pytest.param(path, id=name, marks=marks))
-    return params
-
-
-@pytest.mark.parametrize("path", _document_params())
+@pytest.mark.parametrize("path", DOCUMENTS, ids=[p.relative_to(ROOT).as_posix() for p in DOCUMENTS])
 def test_snippets_run_on_cpu(path: Path, tmp_path, monkeypatch):
     for name in ("QUANTORACLE_BACKEND", "QUANTORACLE_STRICT_PLUGINS", "QUANTORACLE_VERIFY",
                  "QUANTORACLE_QUARANTINE", "QUANTORACLE_CHECK_INPUTS"):
