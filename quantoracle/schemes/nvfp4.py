@@ -1,7 +1,7 @@
 """NVFP4 numerics: the E2M1 code, packing, and ModelOpt's quantize / dequantize, bit for bit.
 
 Every function is vectorized torch, works on any device and any leading dims, and follows
-``/work/shared/FORMATS.md`` (sections 1, 2 and 4), which cites the ModelOpt and vLLM source:
+docs/numerics.md, which cites the ModelOpt and vLLM source:
 
 - An E2M1 code is ``sign << 3 | index`` into :data:`E2M1_VALUES`; 0x8 is -0 and decodes to 0.
 - Two codes per byte along K, the last dim: byte j = code[2j] | code[2j+1] << 4.
@@ -139,7 +139,7 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
 def global_scale(amax: torch.Tensor | float) -> torch.Tensor:
     """float32 0-dim ``amax / 2688`` (one fp32 division), or 1.0 where amax == 0.
 
-    ModelOpt would write 0 for an all-zero tensor (and NaN block scales); FORMATS.md section 2
+    ModelOpt would write 0 for an all-zero tensor (and NaN block scales); docs/numerics.md
     writes 1.0 instead. Raises NumericsError for a negative, NaN or Inf amax, or a positive one
     so small (below about 3e-35) that the scale is not a normal float32.
     """
@@ -249,7 +249,7 @@ def dequantize(
 def _activation_blocks(
     x: torch.Tensor, input_scale: torch.Tensor | float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FORMATS.md section 4: codes ``[..., K]``, block scales float8 ``[..., K/16, 1]`` and
+    """docs/numerics.md: codes ``[..., K]``, block scales float8 ``[..., K/16, 1]`` and
     ``gs = 1 / input_scale`` shaped to broadcast against ``[..., K/16, 1]``."""
     _require_dtype("activation", x, _WEIGHT_DTYPES)
     _require_blocks("activation", x)

@@ -65,7 +65,7 @@ class NVFP4Tensor:
         """Quantize float weights ``[*lead, R, K]`` as ModelOpt exports them.
 
         Each lead index (each expert) is one fused group: its ``shards`` row shards share one
-        ``scale_2`` from the group's max amax (FORMATS.md section 2), stored once per shard.
+        ``scale_2`` from the group's max amax (docs/numerics.md), stored once per shard.
         ``input_amax`` (float32 ``[*lead, shards]``, calibrated max |x| of each shard's input)
         gives W4A4's ``input_scale = amax / 2688``; ``None`` makes a weight-only tensor.
         """

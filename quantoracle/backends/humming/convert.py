@@ -3,7 +3,7 @@
 The checkpoint tensors are handed to Humming under ModelOpt's names (``weight`` uint8
 ``[*lead, R, K/2]``, ``weight_scale`` e4m3 ``[*lead, R, K/16]``, ``weight_scale_2`` fp32 per row
 shard): Humming's ``modelopt``/``nvfp4`` schema reads exactly quantoracle's layout (same nibble
-order, FORMATS.md section 1). Its conversion keeps one fp32 global scale per expert (or per
+order, docs/numerics.md). Its conversion keeps one fp32 global scale per expert (or per
 Linear) when every row shard has the same one (ModelOpt exports do), and otherwise makes it a
 per-row scale in the activation dtype (bf16 rounding of the global scale, up to 2^-9 relative).
 Then Humming pads N and K and re-lays the weights and scales for its kernels.

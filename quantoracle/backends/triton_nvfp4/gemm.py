@@ -24,7 +24,7 @@ Kernel design (the MoE kernels in ``moe.py`` share the K loop, :func:`mma_chunks
   a tile (an atomic counter per tile) adds the partials in a fixed order and writes the output:
   one launch, deterministic.
 - ``quantize_activations=True`` (W4A4 emulation) quantizes each 16-element block of x in the
-  prologue exactly as ``nvfp4.fake_quantize_activation`` does (FORMATS.md section 4), feeds the
+  prologue exactly as ``nvfp4.fake_quantize_activation`` does (docs/numerics.md), feeds the
   dot ``e2m1(code) * float(s)`` (exact in 16 bits) and applies ``1 / gs`` with the global scale.
 """
 
@@ -403,7 +403,7 @@ def linear(
       row chunks into a transient scratch buffer of at most ``max(scratch_bytes, 16 rows)``
       (64 MiB by default), each chunk multiplied by cuBLAS into its output columns, the
       dequantize-then-GEMM technique vLLM uses for AWQ at large batch. The weights stay at 4.5
-      bits/weight at rest (DESIGN.md's "no bf16 copy of the weights" is about weights at rest);
+      bits/weight at rest (the design's "no bf16 copy of the weights" is about weights at rest);
       the scratch lives for one call and is bounded whatever N.
 
     ``variant=None`` (a direct call, not through the engine) takes ``"dequantize"`` from

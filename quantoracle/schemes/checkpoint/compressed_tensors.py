@@ -1,5 +1,5 @@
 """compressed-tensors' quantization config (``config.json``'s ``quantization_config`` with
-``quant_method: compressed-tensors``), FORMATS.md section 5.
+``quant_method: compressed-tensors``), docs/numerics.md.
 
 A group is NVFP4 when its weights have 4 bits, type float, strategy tensor_group, group_size 16
 and are symmetric (vLLM's rule); W4A4 when its input_activations match the same rule, NVFP4A16

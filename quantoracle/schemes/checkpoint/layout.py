@@ -111,4 +111,4 @@ SHARED_SCALE_GROUPS: tuple[tuple[str, ...], ...] = (
     ("gate_proj", "up_proj"),
     ("w1", "w3"),
 )
-"""Sibling modules that share one ``weight_scale_2`` and ``input_scale`` (FORMATS.md section 2)."""
+"""Sibling modules that share one ``weight_scale_2`` and ``input_scale`` (docs/numerics.md)."""

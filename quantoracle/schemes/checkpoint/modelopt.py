@@ -1,5 +1,5 @@
 """ModelOpt's quantization config: ``hf_quant_config.json`` and ``config.json``'s
-``quantization_config`` with ``quant_method: modelopt`` (FORMATS.md section 3).
+``quantization_config`` with ``quant_method: modelopt`` (docs/numerics.md).
 
 Parsing gives a :class:`QuantConfig`; :func:`hf_quant_config` and :func:`quantization_config`
 write the two files' content for an NVFP4 checkpoint.

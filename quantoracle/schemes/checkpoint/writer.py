@@ -5,7 +5,7 @@ What is quantized: every 2-D ``<module>.weight`` whose module matches no ``exclu
 and transformers-5 fused experts (``<p>.experts.gate_up_proj`` [E, 2I, H], gate rows first;
 ``<p>.experts.down_proj`` [E, H, I]), which are written per expert. Everything else is copied.
 Groups that serving engines fuse share one ``weight_scale_2`` (the max amax) and one
-``input_scale``: q/k/v, gate/up (or w1/w3) of an MLP or of one expert (FORMATS.md section 2).
+``input_scale``: q/k/v, gate/up (or w1/w3) of an MLP or of one expert (docs/numerics.md).
 
 Writes are atomic: everything goes to ``.<OUT>.partial-<host>-<pid>-<token>`` beside ``OUT``,
 renamed to ``OUT`` at the end and removed on failure, Ctrl-C or SIGTERM. A later write to
