@@ -1,6 +1,6 @@
 """The numerics check on first use: a prepared layer's backend against ``reference``.
 
-When a layer is prepared on a backend other than ``reference``, :func:`check` runs a small probe
+When a layer is prepared on a backend other than ``reference``, :func:`check_layer` runs a small probe
 batch through each bucket of its plan and through the reference backend on the same device and
 compares them with the tolerance the backend declares for the scheme
 (:attr:`~quantoracle.oracle.spec.SchemeSupport.tolerance`). Output NaN/Inf on finite input is
@@ -8,7 +8,8 @@ always a failure. The probe is small on purpose:
 
 - token counts: :data:`PROBE_TOKENS` (decode, a small batch that is no multiple of 16, a
   prefill-sized batch) and the first token count of every plan bucket (the cheapest count that
-  bucket serves), so a kernel wrong only above some batch size inside one bucket is caught too;
+  bucket serves), so every bucket is probed at least once; a kernel wrong only at counts no
+  probe lands on is not caught (the quarantine is the answer to what is found later);
 - values: standard normal in the layer's activation dtype, fixed seed;
 - Linear: the reference dequantizes only :data:`PROBE_ROWS` output rows per row shard (the
   backend's full output is computed; only those columns are compared);
