@@ -42,3 +42,10 @@ def test_bench_writes_json(capsys, tmp_path):
     code, out, _ = run(capsys, "bench", "--rounds", "1", "--out", str(tmp_path))
     data = json.loads((tmp_path / "resolve.json").read_text())
     assert code == 0 and data["problems"] > 100 and data["cached_us_median"] > 0
+
+
+def test_backends_lists_each_variant_with_what_it_overrides(capsys):
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "triton_nvfp4/dequantize (linear; w4a16_nvfp4 only; priority 9):" in out
+    assert "triton_nvfp4/unsorted (moe; priority 9):" in out

@@ -12,7 +12,7 @@ from quantoracle._version import __version__
 from quantoracle.cli.options import add_json
 from quantoracle.oracle import default_registry
 from quantoracle.oracle.registry import PluginOrigin
-from quantoracle.oracle.spec import BackendSpec, SchemeSupport, describe_capabilities
+from quantoracle.oracle.spec import BackendSpec, SchemeSupport, Variant, describe_capabilities
 from quantoracle.report import table
 from quantoracle.schemes.scheme import Scheme
 
@@ -103,8 +103,25 @@ def run(args: argparse.Namespace) -> int:
     for spec in specs:
         if spec.description:
             print(f"  {spec.name}: {spec.description}")
+        for variant in spec.variants:
+            print(f"    {spec.name}/{_variant(spec, variant)}")
     if registry.broken:
         print(f"\n{len(registry.broken)} broken plugin(s), left out:")
         for error in registry.broken:
             print(f"  {error}")
     return 0
+
+
+def _variant(spec: BackendSpec, variant: Variant) -> str:
+    """``name (kinds; tokens; layout; schemes; priority): description``: the fields it sets."""
+    merged = spec.for_variant(variant)
+    facts = ["+".join(sorted(merged.layer_kinds))]
+    if (merged.min_tokens, merged.max_tokens) != (1, None):
+        facts.append(f"{merged.token_range} tokens")
+    if variant.layout:
+        facts.append(f"layout {merged.layout_name}")
+    if variant.schemes is not None:
+        facts.append(", ".join(scheme_name(x) for x in variant.schemes) + " only")
+    if variant.priority is not None:
+        facts.append(f"priority {variant.priority}")
+    return f"{variant.name} ({'; '.join(facts)}): {variant.description}"
