@@ -168,11 +168,6 @@ def _plan(problem: Problem, options: dict[str, Any]) -> Plan:
     return plan(problem, **{key: options[key] for key in _RESOLVE_OPTIONS if key in options})
 
 
-def _resolve(problem: Problem, options: dict[str, Any]) -> Plan:
-    """Plan before reading a checkpoint: a problem no backend serves is explained, not half-read."""
-    return _plan(problem, options)
-
-
 def _linear_problem(scheme: Scheme, device: Any, dtype: torch.dtype, n: int, k: int,
                     parallel: ParallelConfig) -> Problem:
     return Problem(kind="linear", scheme=scheme, device=Device.of(device), dtype=_dtype_name(dtype),
@@ -314,8 +309,8 @@ class NVFP4Linear(_ResolvedLayer):
         or columns (row-parallel) are read from disk."""
         layer_inputs.check_checkpoint_kind(checkpoint, name, "linear")
         entry = _entry(checkpoint, name)
-        # resolve before reading: a sharding no backend serves is explained, not half-read
-        _resolve(_linear_problem(entry.scheme, device or "cpu", options.get("dtype", torch.bfloat16),
+        # plan before reading: a sharding no backend serves is explained, not half-read
+        _plan(_linear_problem(entry.scheme, device or "cpu", options.get("dtype", torch.bfloat16),
                                  entry.n, entry.k, parallel), options)
         shard = None
         if parallel.tp_size > 1:
@@ -435,8 +430,8 @@ class NVFP4FusedMoE(_ResolvedLayer):
         parallelism) are read from disk."""
         layer_inputs.check_checkpoint_kind(checkpoint, prefix, "moe")
         entry = _entry(checkpoint, prefix)
-        # resolve before reading (this also rejects experts not divisible by ep_size)
-        _resolve(_moe_problem(entry.scheme, device or "cpu", options.get("dtype", torch.bfloat16), entry.experts,
+        # plan before reading (this also rejects experts not divisible by ep_size)
+        _plan(_moe_problem(entry.scheme, device or "cpu", options.get("dtype", torch.bfloat16), entry.experts,
                               entry.hidden, entry.intermediate, top_k, options.get("activation", "silu"), parallel),
                  options)
         experts = None

@@ -1,21 +1,15 @@
 """``quantoracle calibrate``: a 16-bit model directory -> the --input-amax file of a W4A4 quantize."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from transformers_helpers import example
 
 from quantoracle.cli import main
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "transformers_nvfp4.py"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("transformers_nvfp4_example", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
     directory = tmp_path_factory.mktemp("calibrate") / "bf16"
     example.build_model(example.model_config("qwen3_moe", "tiny")).save_pretrained(directory)
     return directory

@@ -11,7 +11,6 @@ errors for what the integration cannot take.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import io
 import sys
 from dataclasses import dataclass
@@ -27,19 +26,13 @@ from quantoracle.errors import UnsupportedModelError
 from quantoracle.integrations.transformers import NVFP4Experts, load_nvfp4, quantize_model, save_nvfp4
 from quantoracle.layers import NVFP4Linear
 
-_spec = importlib.util.spec_from_file_location(
-    "transformers_nvfp4_example", Path(__file__).parents[1] / "examples" / "transformers_nvfp4.py"
-)
-example = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(example)
+from transformers_helpers import MAX_ERROR, MIN_TOP1, example  # noqa: E402
 
-# Thresholds of the MoE tests (tests/test_transformers_integration.py), which hold here too.
-# Measured on these models, correct implementations: W4A16 (and W4A4 served weight-only) top-1
-# 0.79-0.88, relative logit error 0.08-0.13; W4A4 emulated top-1 0.75-0.85, error 0.12-0.18.
-# A Llama checkpoint with gate_proj and up_proj swapped (silu(up) * gate) fails both:
+# The MoE tests' thresholds (tests/transformers_helpers.py) hold here too. Measured on these
+# models, correct implementations: W4A16 (and W4A4 served weight-only) top-1 0.79-0.88, relative
+# logit error 0.08-0.13; W4A4 emulated top-1 0.75-0.85, error 0.12-0.18. A Llama checkpoint with
+# gate_proj and up_proj swapped (silu(up) * gate) fails both:
 # test_swapped_gate_and_up_fail_the_thresholds shows it on every run.
-MIN_TOP1 = 0.65
-MAX_ERROR = {"weight_only": 0.18, "emulate": 0.21}
 
 ARCHS = {
     "llama": {},
