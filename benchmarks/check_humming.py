@@ -1,16 +1,27 @@
 """The Humming backend on a CUDA GPU at the benchmark shapes: correctness against the reference
 backend (eager and under CUDA-graph capture), JIT-compile cost, and CUDA-graph timings beside
-triton_nvfp4 on the same weights and inputs.
+triton_nvfp4 and beside the peers kit's Humming (vLLM's way of driving it) on the same weights
+and inputs, in one process.
 
 For every MoE shape (E, H, I, k) and dense N x K, ``prepare`` (the whole of Humming's tuning
-list compiled, as the plugin does) is timed, then for each M: the relative error
-``||y - y_ref|| / ||y_ref||`` against the reference backend (bf16 inputs), the same output from
-a captured-and-replayed graph (bitwise), and ``_common.graph_time_us`` timings with rotating
-routings / inputs (MoE) or rotating weight copies (dense) so no call finds its weights in L2.
+list compiled, as the plugin does) is timed, then for each M:
+
+- the relative error ``||y - y_ref|| / ||y_ref||`` against the reference backend (bf16 inputs);
+- ``graph_equal``: a graph captured on one input, replayed, equals the eager call bit for bit;
+- ``graph_new_inputs_equal``: after new inputs (and routings) are copied into the captured
+  buffers and the captured output is poisoned with NaN, the replay equals an eager call on the
+  new inputs bit for bit (what a serving engine does with a captured graph);
+- ``_common.graph_time_us`` timings with rotating routings / inputs (MoE) or rotating weight
+  copies (dense) so no call finds its weights in L2: ``humming_us`` (this backend),
+  ``triton_us`` and, with ``--kit DIR`` (the kit's ``humming`` folder, ``.peers/humming``),
+  ``kit_us``: the kit's vLLM-driven Humming (its own align, activation and top-k sum) timed the
+  same way, interleaved with ours.
+
 JSON is rewritten to ``--out`` after every cell (a run stopped by its time limit keeps what it
 measured); ``--budget-s`` stops starting new cells.
 
-    python benchmarks/check_humming.py --out DIR [--budget-s 240] [--no-triton] [--ms 1,16,256,4096]
+    python benchmarks/check_humming.py --out DIR [--budget-s 240] [--no-triton] [--kit .peers/humming]
+        [--ms 1,4,16,64,256,1024,4096]
 """
 
 from __future__ import annotations
@@ -18,11 +29,15 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
+import sys
 import time
 
 import torch
 
-from _common import capture_graph, device_info, fmt_table, graph_time_us, random_nvfp4, rel_err, write_json
+from _common import (
+    capture_graph, device_info, fmt_table, graph_time_us, random_nvfp4, rel_err, require_cuda, write_json,
+)
 from quantoracle.backends.humming import TOLERANCE
 from quantoracle.backends.humming import kernels as humming
 from quantoracle.backends.reference.linear import linear as reference_linear
@@ -31,7 +46,7 @@ from quantoracle.schemes.tensors import MoEWeights, NVFP4Tensor
 
 MOE_SHAPES = [(256, 2048, 512, 8), (128, 2048, 768, 8), (8, 4096, 14336, 2), (256, 7168, 2048, 8)]
 DENSE_SHAPES = [(4096, 4096), (28672, 8192), (7168, 2048)]
-MS = [1, 16, 256, 4096]
+MS = [1, 4, 16, 64, 256, 1024, 4096]
 
 
 def routing(m: int, experts: int, top_k: int, g: torch.Generator):
@@ -40,11 +55,47 @@ def routing(m: int, experts: int, top_k: int, g: torch.Generator):
     return weights, ids
 
 
-def graph_output(fn) -> torch.Tensor:
-    """``fn()``'s output from a captured graph, replayed once."""
+def graph_checks(fn, buffers: list[torch.Tensor], new_values: list[torch.Tensor]) -> tuple[bool, bool]:
+    """Capture ``fn()`` (which reads ``buffers``) in a graph. Returns whether the replay equals
+    an eager call bit for bit, and whether, after ``new_values`` are copied into ``buffers`` and
+    the captured output is filled with NaN, a second replay equals an eager call on them."""
     holder = []
-    capture_graph([lambda: holder.append(fn())])
-    return holder[-1]
+    graph = capture_graph([lambda: holder.append(fn())])
+    captured = holder[-1]
+    same = torch.equal(captured, fn())
+    for buffer, value in zip(buffers, new_values):
+        buffer.copy_(value)
+    captured.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    return same, torch.equal(captured, fn())
+
+
+class Kit:
+    """The peers kit's Humming (``<kit>/humming_nvfp4.py``: vLLM's conversion, tuning lists,
+    CUDA align from ``<kit>/../marlin``, activation and top-k sum), imported from the kit folder
+    at run time; nothing of it is part of quantoracle."""
+
+    def __init__(self, folder: str) -> None:
+        folder = os.path.abspath(folder)
+        for path in (folder, os.path.join(os.path.dirname(folder), "marlin")):
+            sys.path.insert(0, path)
+        import humming_nvfp4
+        import marlin_nvfp4
+
+        self.hm, self.align = humming_nvfp4, marlin_nvfp4.moe_align_block_size
+
+    def prepare_moe(self, weights: MoEWeights, ms, top_k):
+        gu, dn = weights.gate_up, weights.down
+        state = self.hm.prepare_moe(gu.packed, gu.block_scale, gu.global_scale[:, 0],
+                                    dn.packed, dn.block_scale, dn.global_scale[:, 0])
+        state.prepare_ms(ms, top_k)
+        return lambda x, w, ids: self.hm.fused_moe(x, state, w, ids, self.align)
+
+    def prepare_linear(self, weight: NVFP4Tensor, ms):
+        state = self.hm.prepare_linear(weight.packed, weight.block_scale, weight.global_scale)
+        state.prepare_ms(ms)
+        return lambda x: self.hm.linear(x, state)
 
 
 def moe_weights(experts: int, hidden: int, inter: int) -> MoEWeights:
@@ -61,7 +112,7 @@ def skip(kind: str, shape, ms, record) -> None:
         record({"kind": kind, "shape": list(shape), "m": m, "skipped": "budget"})
 
 
-def check_moe(shape, ms, info, triton, record, over_budget) -> None:
+def check_moe(shape, ms, info, triton, kit, record, over_budget) -> None:
     experts, hidden, inter, top_k = shape
     if over_budget():
         return skip("moe", shape, ms, record)
@@ -74,6 +125,7 @@ def check_moe(shape, ms, info, triton, record, over_budget) -> None:
         from quantoracle.backends.triton_nvfp4 import moe as triton_moe
 
         tri = (triton_moe.prepare_moe(weights), triton_moe.fused_moe)
+    kit_run = kit.prepare_moe(weights, ms, top_k) if kit is not None else None
     expert_bytes = 3 * inter * hidden * 4.5 / 8
     g = torch.Generator(device="cuda").manual_seed(0)
     for m in ms:
@@ -87,23 +139,32 @@ def check_moe(shape, ms, info, triton, record, over_budget) -> None:
         out = humming.fused_moe(xs[0], prepared, *routes[0])
         ref = reference_moe(xs[0].float(), weights, *routes[0])  # fp32 ground truth
         err = rel_err(out, ref)
-        graph_equal = torch.equal(graph_output(lambda: humming.fused_moe(xs[0], prepared, *routes[0])), out)
+        x, (w, ids) = xs[0].clone(), (t.clone() for t in routes[0])
+        graph_equal, graph_new = graph_checks(lambda: humming.fused_moe(x, prepared, w, ids),
+                                              [x, w, ids], [xs[1], *routes[1]])
         us = graph_time_us([lambda x=x, r=r: humming.fused_moe(x, prepared, *r) for x, r in zip(xs, routes)])
         cell = {"kind": "moe", "shape": list(shape), "m": m, "humming_us": us, "rel_err": err,
                 "within_tolerance": err < TOLERANCE, "graph_equal": graph_equal,
+                "graph_new_inputs_equal": graph_new,
                 "finite": bool(torch.isfinite(out).all()), "prepare_s": prepare_s,
                 "compile_s": prepared.compile_s, "kernels": [prepared.w13.kernels, prepared.w2.kernels],
                 "prepared_bytes": prepared.nbytes, "checkpoint_bytes": weights.nbytes}
+        if kit_run is not None:
+            ids32 = [r[1].int() for r in routes]
+            cell["kit_rel_err"] = rel_err(kit_run(xs[0], routes[0][0], ids32[0]), ref)
+            cell["kit_us"] = graph_time_us([lambda x=x, w=r[0], i=i: kit_run(x, w, i)
+                                            for x, r, i in zip(xs, routes, ids32)])
+            cell["humming_over_kit"] = us / cell["kit_us"]
         if tri is not None:
             state, run = tri
             cell["triton_rel_err"] = rel_err(run(xs[0], state, *routes[0]), ref)
             cell["triton_us"] = graph_time_us([lambda x=x, r=r: run(x, state, *r) for x, r in zip(xs, routes)])
         record(cell)
-    del prepared, weights, tri
+    del prepared, weights, tri, kit_run
     torch.cuda.empty_cache()
 
 
-def check_dense(shape, ms, info, triton, record, over_budget) -> None:
+def check_dense(shape, ms, info, triton, kit, record, over_budget) -> None:
     n, k = shape
     if over_budget():
         return skip("dense", shape, ms, record)
@@ -118,6 +179,7 @@ def check_dense(shape, ms, info, triton, record, over_budget) -> None:
         from quantoracle.backends.triton_nvfp4 import gemm as triton_gemm
 
         tri = ([triton_gemm.prepare_linear(weight) for _ in range(copies)], triton_gemm.linear)
+    kit_runs = [kit.prepare_linear(weight, ms) for _ in range(copies)] if kit is not None else None
     for m in ms:
         if over_budget():
             record({"kind": "dense", "shape": [n, k], "m": m, "skipped": "budget"})
@@ -126,19 +188,25 @@ def check_dense(shape, ms, info, triton, record, over_budget) -> None:
         out = humming.linear(xs[0], prepared[0])
         ref = reference_linear(xs[0].float(), weight)
         err = rel_err(out, ref)
-        graph_equal = torch.equal(graph_output(lambda: humming.linear(xs[0], prepared[0])), out)
+        x = xs[0].clone()
+        graph_equal, graph_new = graph_checks(lambda: humming.linear(x, prepared[0]), [x], [xs[1]])
         us = graph_time_us([lambda x=x, p=p: humming.linear(x, p) for x, p in zip(xs, prepared)])
         cell = {"kind": "dense", "shape": [n, k], "m": m, "humming_us": us, "rel_err": err,
                 "within_tolerance": err < TOLERANCE, "graph_equal": graph_equal,
+                "graph_new_inputs_equal": graph_new,
                 "finite": bool(torch.isfinite(out).all()), "prepare_s": prepare_s,
                 "compile_s": prepared[0].compile_s, "kernels": [prepared[0].gemm.kernels],
                 "prepared_bytes": prepared[0].nbytes, "checkpoint_bytes": weight.nbytes}
+        if kit_runs is not None:
+            cell["kit_rel_err"] = rel_err(kit_runs[0](xs[0]), ref)
+            cell["kit_us"] = graph_time_us([lambda x=x, run=run: run(x) for x, run in zip(xs, kit_runs)])
+            cell["humming_over_kit"] = us / cell["kit_us"]
         if tri is not None:
             states, run = tri
             cell["triton_rel_err"] = rel_err(run(xs[0], states[0]), ref)
             cell["triton_us"] = graph_time_us([lambda x=x, p=p: run(x, p) for x, p in zip(xs, states)])
         record(cell)
-    del prepared, weight, tri
+    del prepared, weight, tri, kit_runs
     torch.cuda.empty_cache()
 
 
@@ -150,13 +218,18 @@ def main() -> None:
     parser.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in MOE_SHAPES))
     parser.add_argument("--dense-shapes", default=";".join(f"{n}x{k}" for n, k in DENSE_SHAPES))
     parser.add_argument("--ms", default=",".join(map(str, MS)))
+    parser.add_argument("--kit", default=None, help="the peers kit's humming folder (.peers/humming): "
+                        "time its vLLM-driven Humming beside ours")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     moe_shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s]
     dense_shapes = [tuple(int(v) for v in s.split("x")) for s in args.dense_shapes.split(";") if s]
     ms = [int(v) for v in args.ms.split(",")]
 
+    require_cuda("check_humming.py")
     import humming as humming_pkg
+
+    kit = Kit(args.kit) if args.kit else None
 
     info = device_info()
     info["humming"] = humming_pkg.__version__
@@ -172,17 +245,19 @@ def main() -> None:
         return time.perf_counter() - began > args.budget_s
 
     for shape in moe_shapes:
-        check_moe(shape, ms, info, not args.no_triton, record, over_budget)
+        check_moe(shape, ms, info, not args.no_triton, kit, record, over_budget)
     for shape in dense_shapes:
-        check_dense(shape, ms, info, not args.no_triton, record, over_budget)
+        check_dense(shape, ms, info, not args.no_triton, kit, record, over_budget)
 
     done = [c for c in cells if "skipped" not in c]
-    rows = [[c["kind"], "x".join(map(str, c["shape"])), c["m"], c["humming_us"], c.get("triton_us", ""),
-             c["rel_err"], c.get("triton_rel_err", ""), c["graph_equal"], c["compile_s"]] for c in done]
-    print(fmt_table(["kind", "shape", "M", "humming us", "triton us", "err", "triton err", "graph ==",
-                     "compile s"], rows))
+    rows = [[c["kind"], "x".join(map(str, c["shape"])), c["m"], c["humming_us"], c.get("kit_us", ""),
+             c.get("humming_over_kit", ""), c.get("triton_us", ""), c["rel_err"], c.get("triton_rel_err", ""),
+             c["graph_equal"] and c["graph_new_inputs_equal"], c["compile_s"]] for c in done]
+    print(fmt_table(["kind", "shape", "M", "humming us", "kit us", "/kit", "triton us", "err", "triton err",
+                     "graph ==", "compile s"], rows))
     worst = max((c["rel_err"] for c in done), default=float("nan"))
-    bad = [c for c in done if not (c["within_tolerance"] and c["graph_equal"] and c["finite"])]
+    bad = [c for c in done
+           if not (c["within_tolerance"] and c["graph_equal"] and c["graph_new_inputs_equal"] and c["finite"])]
     print(f"cells {len(done)} of {len(cells)}, worst rel err {worst:.3e} (tolerance {TOLERANCE}), "
           f"failing {len(bad)}, {time.perf_counter() - began:.0f} s")
     raise SystemExit(1 if bad else 0)
