@@ -49,6 +49,23 @@ def matmul_rate(n: int = 8192) -> float:
     return 2 * n**3 / (ms * 1e-3)
 
 
+def graph_checks(fn, buffers: list[torch.Tensor], new_values: list[torch.Tensor]) -> tuple[bool, bool]:
+    """Capture ``fn()`` (which reads ``buffers``) in a CUDA graph. Returns whether the replay
+    equals an eager call bit for bit, and whether, after ``new_values`` are copied into
+    ``buffers`` and the captured output is filled with NaN, a second replay equals an eager call
+    on them (what a serving engine does with a captured graph)."""
+    holder = []
+    graph = capture_graph([lambda: holder.append(fn())])
+    captured = holder[-1]
+    same = torch.equal(captured, fn())
+    for buffer, value in zip(buffers, new_values):
+        buffer.copy_(value)
+    captured.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    return same, torch.equal(captured, fn())
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 

@@ -36,7 +36,7 @@ import time
 import torch
 
 from _common import (
-    capture_graph, device_info, fmt_table, graph_time_us, random_nvfp4, rel_err, require_cuda, write_json,
+    device_info, fmt_table, graph_checks, graph_time_us, random_nvfp4, rel_err, require_cuda, write_json,
 )
 from quantoracle.backends.humming import TOLERANCE
 from quantoracle.backends.humming import kernels as humming
@@ -53,22 +53,6 @@ def routing(m: int, experts: int, top_k: int, g: torch.Generator):
     logits = torch.randn(m, experts, device="cuda", generator=g)
     weights, ids = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
     return weights, ids
-
-
-def graph_checks(fn, buffers: list[torch.Tensor], new_values: list[torch.Tensor]) -> tuple[bool, bool]:
-    """Capture ``fn()`` (which reads ``buffers``) in a graph. Returns whether the replay equals
-    an eager call bit for bit, and whether, after ``new_values`` are copied into ``buffers`` and
-    the captured output is filled with NaN, a second replay equals an eager call on them."""
-    holder = []
-    graph = capture_graph([lambda: holder.append(fn())])
-    captured = holder[-1]
-    same = torch.equal(captured, fn())
-    for buffer, value in zip(buffers, new_values):
-        buffer.copy_(value)
-    captured.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    return same, torch.equal(captured, fn())
 
 
 class Kit:
