@@ -49,3 +49,14 @@ def test_backends_lists_each_variant_with_what_it_overrides(capsys):
     out = capsys.readouterr().out
     assert "triton_nvfp4/dequantize (linear; w4a16_nvfp4 only; priority 9):" in out
     assert "triton_nvfp4/unsorted (moe; priority 9):" in out
+
+
+def test_a_variant_for_one_architecture_shows_its_devices_and_shape():
+    from quantoracle.cli.backends import _variant
+    from quantoracle.oracle import Variant
+    from quantoracle.oracle.registry import default_registry
+
+    spec = default_registry().backends["triton_nvfp4"].spec
+    text = _variant(spec, Variant(name="wgmma", layer_kinds={"linear"}, capabilities="sm90", n_multiple_of=2,
+                                  description="Gluon"))
+    assert text == "wgmma (linear; capability sm90; n%2 k%16): Gluon"

@@ -57,8 +57,9 @@ SCHEMES = (SchemeSupport(weight=NVFP4_WEIGHT, activation=None),
 
 
 class RangedPlugin:
-    """``ranged``: variants ``small`` (1..64) and ``large`` (65+, its own layout); ``capped``:
-    serves 1..1000 tokens only; both on CPU and CUDA, above ``reference`` in priority."""
+    """``ranged``: variants ``small`` (1..64), ``large`` (65+, its own layout) and ``hopper``
+    (65+, sm90 only, N a multiple of 64, above the others in priority); ``capped``: serves
+    1..1000 tokens only; both on CPU and CUDA, above ``reference`` in priority."""
 
     @hookimpl
     def quantoracle_backends(self):
@@ -66,7 +67,9 @@ class RangedPlugin:
             name="ranged", layer_kinds={"linear", "moe"}, schemes=SCHEMES, platforms={"cpu", "cuda"},
             moe_activations={"silu", "gelu"}, priority=3,
             variants=(Variant(name="small", max_tokens=64),
-                      Variant(name="large", min_tokens=65, layout="ranged_large")),
+                      Variant(name="large", min_tokens=65, layout="ranged_large"),
+                      Variant(name="hopper", platforms={"cuda"}, capabilities="sm90", n_multiple_of=64,
+                              min_tokens=65, priority=4)),
         )
         capped = BackendSpec(name="capped", layer_kinds={"linear", "moe"}, schemes=SCHEMES,
                              platforms={"cpu", "cuda"}, moe_activations={"silu", "gelu"}, max_tokens=1000, priority=2)
@@ -193,6 +196,31 @@ def test_token_ranges_split_the_plan_and_layouts_one_keeps_a_single_copy():
     res = resolve(cpu(), registry=registry, tuning="none")
     assert "tokens" in {f.code for f in res.rejections["ranged/small"]}
     assert "tokens" in {f.code for f in res.rejections["capped"]}
+
+
+def test_a_variant_for_one_architecture_is_a_candidate_only_there():
+    """``ranged/hopper`` sets platforms, capabilities and an N multiple of its own: chosen on
+    sm90 at 65+ tokens when N allows it, rejected with the rule that says why elsewhere."""
+    def at_100(problem):
+        return resolve(problem, tokens=100, registry=REGISTRY, force="ranged", layouts="fastest", tuning="none")
+
+    assert at_100(sm90(n=256, k=128)).label == "ranged/hopper"
+    for problem, code in ((sm90(n=256, k=128, device="sm80"), "capability"), (cpu(n=256, k=128), "platform"),
+                          (sm90(n=96, k=128), "shape")):
+        res = at_100(problem)
+        assert res.label == "ranged/large"
+        assert {f.code for f in res.rejections["ranged/hopper"]} == {code}
+    # the backend itself and its other variants keep the backend's rules
+    assert at_100(cpu(n=96, k=128)).label == "ranged/large"
+
+
+def test_variant_fields_are_validated_like_the_backend_s():
+    with pytest.raises(ValueError, match="n_multiple_of"):
+        Variant(name="v", n_multiple_of=0)
+    with pytest.raises(ValueError, match="sm"):
+        Variant(name="v", capabilities="hopper")
+    assert Variant(name="v", capabilities=("sm80+", "sm120")).capabilities == BackendSpec(
+        name="b", layer_kinds={"linear"}, schemes=SCHEMES, platforms={"cuda"}, capabilities=("sm80+", "sm120")).capabilities
 
 
 def test_force_pins_every_bucket_or_names_the_token_count_it_cannot_serve():

@@ -113,11 +113,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _variant(spec: BackendSpec, variant: Variant) -> str:
-    """``name (kinds; tokens; layout; schemes; priority): description``: the fields it sets."""
+    """``name (kinds; tokens; devices; shape; layout; schemes; priority): description``: the
+    fields it sets."""
     merged = spec.for_variant(variant)
     facts = ["+".join(sorted(merged.layer_kinds))]
     if (merged.min_tokens, merged.max_tokens) != (1, None):
         facts.append(f"{merged.token_range} tokens")
+    if variant.capabilities is not None:
+        facts.append(f"capability {describe_capabilities(merged.capabilities)}")
+    if variant.n_multiple_of is not None or variant.k_multiple_of is not None:
+        facts.append(_shape(merged))
     if variant.layout:
         facts.append(f"layout {merged.layout_name}")
     if variant.schemes is not None:

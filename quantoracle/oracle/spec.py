@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, PositiveInt, field_validator, model_validator
 
 from quantoracle.errors import DeviceError, ProblemError
 from quantoracle.schemes.keys import QuantKey
@@ -297,14 +297,21 @@ class Variant(_Frozen):
 
     Each variant is its own candidate for the engine, labelled ``backend/variant`` and judged by
     the ordinary rules against the backend's spec with the fields set here replacing the
-    backend's (a field left ``None`` inherits it). ``layout`` names the weight layout the variant's
-    ``prepare`` makes: variants (and backends) with one layout share one prepared copy."""
+    backend's (a field left ``None`` inherits it; :data:`VARIANT_FIELDS`): e.g. a kernel written
+    for one architecture sets ``platforms={"cuda"}`` and ``capabilities="sm90"`` (capabilities
+    constrain CUDA devices only), one with stricter tiles ``n_multiple_of``.
+    ``layout`` names the weight layout the variant's ``prepare`` makes: variants (and backends)
+    with one layout share one prepared copy."""
 
     name: str
     description: str = ""
     layer_kinds: frozenset[LayerKind] | None = None
     schemes: tuple[SchemeSupport, ...] | None = None
     dtypes: frozenset[ActivationDtype] | None = None
+    platforms: frozenset[Platform] | None = None
+    capabilities: tuple[CapabilityRange, ...] | None = None
+    n_multiple_of: PositiveInt | None = None
+    k_multiple_of: PositiveInt | None = None
     min_tokens: int | None = None
     max_tokens: int | None = None
     layout: str | None = None
@@ -314,6 +321,26 @@ class Variant(_Frozen):
     @classmethod
     def _identifier(cls, v: str) -> str:
         return _snake_case("variant name", v)
+
+    @field_validator("capabilities", mode="before")
+    @classmethod
+    def _parse_capabilities(cls, v: Any) -> Any:
+        return None if v is None else capability_ranges(v)
+
+
+VARIANT_FIELDS = ("layer_kinds", "schemes", "dtypes", "platforms", "capabilities", "n_multiple_of",
+                  "k_multiple_of", "min_tokens", "max_tokens", "layout", "priority")
+"""The :class:`BackendSpec` fields a :class:`Variant` may set in place of its backend's."""
+
+
+def capability_ranges(v: Any) -> Any:
+    """``"sm90"``, ``("sm80+", "sm120")`` or ranges -> a tuple of :class:`CapabilityRange`
+    (anything else is left for pydantic to reject with the field's name)."""
+    if isinstance(v, str):
+        v = (v,)
+    if not isinstance(v, (tuple, list, set, frozenset)):
+        return v
+    return tuple(CapabilityRange.parse(x) if isinstance(x, str) else x for x in v)
 
 
 def _snake_case(what: str, v: str) -> str:
@@ -353,8 +380,8 @@ class BackendSpec(_Frozen):
     dtypes: frozenset[ActivationDtype] = frozenset(ACTIVATION_DTYPES)
     dtype_capabilities: tuple[tuple[ActivationDtype, tuple[CapabilityRange, ...]], ...] = ()
     moe_activations: frozenset[str] = frozenset({"silu"})
-    n_multiple_of: int = 1
-    k_multiple_of: int = 1
+    n_multiple_of: PositiveInt = 1
+    k_multiple_of: PositiveInt = 1
     max_top_k: int | None = None
     tensor_parallel: bool = True
     expert_parallel: bool = True
@@ -382,15 +409,13 @@ class BackendSpec(_Frozen):
     @field_validator("capabilities", mode="before")
     @classmethod
     def _parse_capabilities(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = (v,)
-        return tuple(CapabilityRange.parse(x) if isinstance(x, str) else x for x in v)
+        return capability_ranges(v)
 
     @field_validator("dtype_capabilities", mode="before")
     @classmethod
     def _parse_dtype_capabilities(cls, v: Any) -> Any:
         items = v.items() if isinstance(v, dict) else v
-        return tuple((dtype, cls._parse_capabilities(ranges)) for dtype, ranges in items)
+        return tuple((dtype, capability_ranges(ranges)) for dtype, ranges in items)
 
     @field_validator("name")
     @classmethod
@@ -420,9 +445,7 @@ class BackendSpec(_Frozen):
     def for_variant(self, variant: Variant) -> "BackendSpec":
         """This spec with ``variant``'s fields in place of the backend's (its layout inherits the
         backend's layout name, not the variant's name)."""
-        update = {f: getattr(variant, f) for f in ("layer_kinds", "schemes", "dtypes", "min_tokens",
-                                                     "max_tokens", "layout", "priority")
-                  if getattr(variant, f) is not None}
+        update = {f: getattr(variant, f) for f in VARIANT_FIELDS if getattr(variant, f) is not None}
         update.setdefault("layout", self.layout_name)
         update["variants"] = ()
         return self.model_copy(update=update)
