@@ -23,9 +23,11 @@ class Constraints:
     ``humming/kernel/humming.py`` check_shape/check_dtype, ``humming/transform.py``,
     ``humming/tune/__init__.py``).
 
-    - ``capabilities``: bf16 activations need sm80 (``check_dtype``; fp16 alone would run on
-      sm75, which a spec cannot say per dtype); its tuning tables name sm75..sm121 (sm12x
-      falls back to sm120's): ``sm80-sm121``. Measured on sm90 only.
+    - ``capabilities``: bf16 activations need sm80 (``check_dtype``). fp16 passes that check
+      on sm75, but whether the NVFP4 path (e4m3 block scales) runs there is not established,
+      so sm75 is not declared (``dtype_capabilities`` could say "fp16 from sm75" once it is).
+      Its tuning tables name sm75..sm121 (sm12x falls back to sm120's): ``sm80-sm121``.
+      Measured on sm90 only.
     - ``activation_dtypes``: x in bf16 or fp16 (Humming's ``c_dtype`` equals the 16-bit
       ``a_dtype``); outputs in x's dtype. The kernels are compiled per dtype.
     - ``n_multiple_of``: N padded by ``prepare`` to a multiple of 256 (``pad_shape_n`` must be a
