@@ -6,16 +6,18 @@ and inputs, in one process.
 For every MoE shape (E, H, I, k) and dense N x K, ``prepare`` (the whole of Humming's tuning
 list compiled, as the plugin does) is timed, then for each M:
 
-- the relative error ``||y - y_ref|| / ||y_ref||`` against the reference backend (bf16 inputs);
+- per implementation (``humming``: this backend; ``kit``: with ``--kit DIR``, the peers kit's
+  vLLM-driven Humming, its own align, activation and top-k sum, from the kit's ``humming``
+  folder, ``.peers/humming``; ``triton``: triton_nvfp4 unless ``--no-triton``): ``{name}_rel_err``
+  ``||y - y_ref|| / ||y_ref||`` against the reference backend (bf16 inputs), ``{name}_finite``,
+  and ``{name}_us``; a step that raises is recorded as ``{name}_error`` and the run goes on;
 - ``graph_equal``: a graph captured on one input, replayed, equals the eager call bit for bit;
 - ``graph_new_inputs_equal``: after new inputs (and routings) are copied into the captured
   buffers and the captured output is poisoned with NaN, the replay equals an eager call on the
   new inputs bit for bit (what a serving engine does with a captured graph);
-- ``_common.graph_time_us`` timings with rotating routings / inputs (MoE) or rotating weight
-  copies (dense) so no call finds its weights in L2: ``humming_us`` (this backend),
-  ``triton_us`` and, with ``--kit DIR`` (the kit's ``humming`` folder, ``.peers/humming``),
-  ``kit_us``: the kit's vLLM-driven Humming (its own align, activation and top-k sum) timed the
-  same way, interleaved with ours.
+- the timings are ``_common.graph_time_us`` with rotating routings / inputs (MoE) or rotating
+  weight copies (dense) so no call finds its weights in L2, the implementations one after the
+  other on the same inputs; ``humming_over_kit`` is their ratio.
 
 JSON is rewritten to ``--out`` after every cell (a run stopped by its time limit keeps what it
 measured); ``--budget-s`` stops starting new cells.
@@ -32,6 +34,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -47,10 +51,11 @@ from quantoracle.schemes.tensors import MoEWeights, NVFP4Tensor
 MOE_SHAPES = [(256, 2048, 512, 8), (128, 2048, 768, 8), (8, 4096, 14336, 2), (256, 7168, 2048, 8)]
 DENSE_SHAPES = [(4096, 4096), (28672, 8192), (7168, 2048)]
 MS = [1, 4, 16, 64, 256, 1024, 4096]
+DEVICE = "cuda"
 
 
 def routing(m: int, experts: int, top_k: int, g: torch.Generator):
-    logits = torch.randn(m, experts, device="cuda", generator=g)
+    logits = torch.randn(m, experts, device=DEVICE, generator=g)
     weights, ids = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
     return weights, ids
 
@@ -91,107 +96,118 @@ def moe_weights(experts: int, hidden: int, inter: int) -> MoEWeights:
     return MoEWeights(gate_up, random_nvfp4((experts,), hidden, inter, 1, seed=2))
 
 
-def skip(kind: str, shape, ms, record) -> None:
-    for m in ms:
-        record({"kind": kind, "shape": list(shape), "m": m, "skipped": "budget"})
+@dataclass
+class Case:
+    """One benchmark shape, prepared: ``runs`` maps each implementation to ``run(i, *args)``
+    (``i``: the rotation, i.e. which weight copy for dense layers), ``inputs(m)`` gives the
+    rotations' call arguments, ``reference(*args)`` the fp32 ground truth, ``facts`` what every
+    cell records."""
+
+    kind: str
+    shape: list[int]
+    runs: dict[str, Callable[..., torch.Tensor]]
+    inputs: Callable[[int], list[tuple]]
+    reference: Callable[..., torch.Tensor]
+    facts: dict
 
 
-def check_moe(shape, ms, info, triton, kit, record, over_budget) -> None:
+def moe_case(shape, ms, info, triton, kit) -> Case:
     experts, hidden, inter, top_k = shape
-    if over_budget():
-        return skip("moe", shape, ms, record)
     weights = moe_weights(experts, hidden, inter)
     start = time.perf_counter()
     prepared = humming.prepare_moe(weights)
-    prepare_s = time.perf_counter() - start
-    tri = None
+    facts = {"prepare_s": time.perf_counter() - start, "compile_s": prepared.compile_s,
+             "kernels": [prepared.w13.kernels, prepared.w2.kernels], "prepared_bytes": prepared.nbytes,
+             "checkpoint_bytes": weights.nbytes}
+    runs = {"humming": lambda i, x, w, ids, ids32: humming.fused_moe(x, prepared, w, ids)}
+    prepare_optional(runs, facts, "kit", lambda: kit.prepare_moe(weights, ms, top_k), kit is not None,
+                     lambda run: lambda i, x, w, ids, ids32: run(x, w, ids32))
     if triton:
         from quantoracle.backends.triton_nvfp4 import moe as triton_moe
 
-        tri = (triton_moe.prepare_moe(weights), triton_moe.fused_moe)
-    kit_run = kit.prepare_moe(weights, ms, top_k) if kit is not None else None
+        prepare_optional(runs, facts, "triton", lambda: triton_moe.prepare_moe(weights), True,
+                         lambda state: lambda i, x, w, ids, ids32: triton_moe.fused_moe(x, state, w, ids))
     expert_bytes = 3 * inter * hidden * 4.5 / 8
-    g = torch.Generator(device="cuda").manual_seed(0)
-    for m in ms:
-        if over_budget():
-            record({"kind": "moe", "shape": list(shape), "m": m, "skipped": "budget"})
-            continue
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def inputs(m: int) -> list[tuple]:
         touched = min(experts, m * top_k) * expert_bytes
         rotations = max(2, min(32, math.ceil(4 * info["l2_bytes"] / touched)))
-        routes = [routing(m, experts, top_k, g) for _ in range(rotations)]
-        xs = [torch.randn(m, hidden, dtype=torch.bfloat16, device="cuda") for _ in range(rotations)]
-        out = humming.fused_moe(xs[0], prepared, *routes[0])
-        ref = reference_moe(xs[0].float(), weights, *routes[0])  # fp32 ground truth
-        err = rel_err(out, ref)
-        x, (w, ids) = xs[0].clone(), (t.clone() for t in routes[0])
-        graph_equal, graph_new = graph_checks(lambda: humming.fused_moe(x, prepared, w, ids),
-                                              [x, w, ids], [xs[1], *routes[1]])
-        us = graph_time_us([lambda x=x, r=r: humming.fused_moe(x, prepared, *r) for x, r in zip(xs, routes)])
-        cell = {"kind": "moe", "shape": list(shape), "m": m, "humming_us": us, "rel_err": err,
-                "within_tolerance": err < TOLERANCE, "graph_equal": graph_equal,
-                "graph_new_inputs_equal": graph_new,
-                "finite": bool(torch.isfinite(out).all()), "prepare_s": prepare_s,
-                "compile_s": prepared.compile_s, "kernels": [prepared.w13.kernels, prepared.w2.kernels],
-                "prepared_bytes": prepared.nbytes, "checkpoint_bytes": weights.nbytes}
-        if kit_run is not None:
-            ids32 = [r[1].int() for r in routes]
-            cell["kit_rel_err"] = rel_err(kit_run(xs[0], routes[0][0], ids32[0]), ref)
-            cell["kit_us"] = graph_time_us([lambda x=x, w=r[0], i=i: kit_run(x, w, i)
-                                            for x, r, i in zip(xs, routes, ids32)])
-            cell["humming_over_kit"] = us / cell["kit_us"]
-        if tri is not None:
-            state, run = tri
-            cell["triton_rel_err"] = rel_err(run(xs[0], state, *routes[0]), ref)
-            cell["triton_us"] = graph_time_us([lambda x=x, r=r: run(x, state, *r) for x, r in zip(xs, routes)])
-        record(cell)
-    del prepared, weights, tri, kit_run
-    torch.cuda.empty_cache()
+        out = []
+        for _ in range(rotations):
+            w, ids = routing(m, experts, top_k, g)
+            out.append((torch.randn(m, hidden, dtype=torch.bfloat16, device=DEVICE), w, ids, ids.int()))
+        return out
+
+    return Case("moe", list(shape), runs, inputs,
+                lambda x, w, ids, ids32: reference_moe(x.float(), weights, w, ids), facts)
 
 
-def check_dense(shape, ms, info, triton, kit, record, over_budget) -> None:
+def dense_case(shape, ms, info, triton, kit) -> Case:
     n, k = shape
-    if over_budget():
-        return skip("dense", shape, ms, record)
     weight = random_nvfp4((), n, k, 1, seed=3)
     copies = max(2, min(16, math.ceil(4 * info["l2_bytes"] / (n * k * 4.5 / 8))))
     start = time.perf_counter()
     prepared = [humming.prepare_linear(weight)]
-    prepare_s = time.perf_counter() - start
+    facts = {"prepare_s": time.perf_counter() - start, "compile_s": prepared[0].compile_s,
+             "kernels": [prepared[0].gemm.kernels], "prepared_bytes": prepared[0].nbytes,
+             "checkpoint_bytes": weight.nbytes, "copies": copies}
     prepared += [humming.prepare_linear(weight) for _ in range(copies - 1)]  # compiled: conversion only
-    tri = None
+    runs = {"humming": lambda i, x: humming.linear(x, prepared[i])}
+    prepare_optional(runs, facts, "kit", lambda: [kit.prepare_linear(weight, ms) for _ in range(copies)],
+                     kit is not None, lambda kit_runs: lambda i, x: kit_runs[i](x))
     if triton:
         from quantoracle.backends.triton_nvfp4 import gemm as triton_gemm
 
-        tri = ([triton_gemm.prepare_linear(weight) for _ in range(copies)], triton_gemm.linear)
-    kit_runs = [kit.prepare_linear(weight, ms) for _ in range(copies)] if kit is not None else None
-    for m in ms:
-        if over_budget():
-            record({"kind": "dense", "shape": [n, k], "m": m, "skipped": "budget"})
-            continue
-        xs = [torch.randn(m, k, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
-        out = humming.linear(xs[0], prepared[0])
-        ref = reference_linear(xs[0].float(), weight)
-        err = rel_err(out, ref)
-        x = xs[0].clone()
-        graph_equal, graph_new = graph_checks(lambda: humming.linear(x, prepared[0]), [x], [xs[1]])
-        us = graph_time_us([lambda x=x, p=p: humming.linear(x, p) for x, p in zip(xs, prepared)])
-        cell = {"kind": "dense", "shape": [n, k], "m": m, "humming_us": us, "rel_err": err,
-                "within_tolerance": err < TOLERANCE, "graph_equal": graph_equal,
-                "graph_new_inputs_equal": graph_new,
-                "finite": bool(torch.isfinite(out).all()), "prepare_s": prepare_s,
-                "compile_s": prepared[0].compile_s, "kernels": [prepared[0].gemm.kernels],
-                "prepared_bytes": prepared[0].nbytes, "checkpoint_bytes": weight.nbytes}
-        if kit_runs is not None:
-            cell["kit_rel_err"] = rel_err(kit_runs[0](xs[0]), ref)
-            cell["kit_us"] = graph_time_us([lambda x=x, run=run: run(x) for x, run in zip(xs, kit_runs)])
-            cell["humming_over_kit"] = us / cell["kit_us"]
-        if tri is not None:
-            states, run = tri
-            cell["triton_rel_err"] = rel_err(run(xs[0], states[0]), ref)
-            cell["triton_us"] = graph_time_us([lambda x=x, p=p: run(x, p) for x, p in zip(xs, states)])
-        record(cell)
-    del prepared, weight, tri, kit_runs
-    torch.cuda.empty_cache()
+        prepare_optional(runs, facts, "triton", lambda: [triton_gemm.prepare_linear(weight) for _ in range(copies)],
+                         True, lambda states: lambda i, x: triton_gemm.linear(x, states[i]))
+    return Case("dense", [n, k], runs,
+                lambda m: [(torch.randn(m, k, dtype=torch.bfloat16, device=DEVICE),) for _ in range(copies)],
+                lambda x: reference_linear(x.float(), weight), facts)
+
+
+def prepare_optional(runs, facts, name, prepare, wanted, wrap) -> None:
+    """Add implementation ``name`` (``wrap(prepare())``) to ``runs`` when ``wanted``; a failed
+    prepare is recorded in ``facts`` (``{name}_error``), not raised."""
+    if not wanted:
+        return
+    try:
+        runs[name] = wrap(prepare())
+    except Exception as error:  # a peer that cannot be prepared must not end the run
+        facts[f"{name}_error"] = f"prepare: {type(error).__name__}: {error}"[:500]
+
+
+def check_cell(case: Case, m: int) -> dict:
+    """One M of a case: every implementation checked against the reference and timed; the graph
+    checks for ``humming``. A step that raises is recorded as ``{name}_error`` and the run goes on."""
+    cell = {"kind": case.kind, "shape": case.shape, "m": m, **case.facts}
+    rotations = case.inputs(m)
+    ref = case.reference(*rotations[0])
+    for name, run in case.runs.items():
+        step = "call"
+        try:
+            out = run(0, *rotations[0])
+            cell[f"{name}_rel_err"] = rel_err(out, ref)
+            cell[f"{name}_finite"] = bool(torch.isfinite(out).all())
+            if name == "humming":
+                step = "graph"
+                buffers = [t.clone() for t in rotations[0]]
+                cell["graph_equal"], cell["graph_new_inputs_equal"] = graph_checks(
+                    lambda: run(0, *buffers), buffers, list(rotations[1]))
+            step = "timing"
+            cell[f"{name}_us"] = graph_time_us([lambda i=i, args=args: run(i, *args)
+                                                for i, args in enumerate(rotations)])
+        except Exception as error:
+            cell[f"{name}_error"] = f"{step}: {type(error).__name__}: {error}"[:500]
+    if "humming_us" in cell and "kit_us" in cell:
+        cell["humming_over_kit"] = cell["humming_us"] / cell["kit_us"]
+    cell["within_tolerance"] = cell.get("humming_rel_err", float("inf")) < TOLERANCE
+    return cell
+
+
+def passed(cell: dict) -> bool:
+    return bool(cell["within_tolerance"] and cell.get("humming_finite") and cell.get("graph_equal")
+                and cell.get("graph_new_inputs_equal") and "humming_error" not in cell)
 
 
 def main() -> None:
@@ -213,10 +229,15 @@ def main() -> None:
     require_cuda("check_humming.py")
     import humming as humming_pkg
 
-    kit = Kit(args.kit) if args.kit else None
-
     info = device_info()
     info["humming"] = humming_pkg.__version__
+    kit = None
+    if args.kit:
+        try:
+            kit = Kit(args.kit)
+        except Exception as error:  # no kit column, but the backend's own checks still run
+            info["kit_error"] = f"{type(error).__name__}: {error}"[:500]
+            print("kit not loaded:", info["kit_error"], flush=True)
     began = time.perf_counter()
     cells: list[dict] = []
 
@@ -228,20 +249,37 @@ def main() -> None:
     def over_budget() -> bool:
         return time.perf_counter() - began > args.budget_s
 
-    for shape in moe_shapes:
-        check_moe(shape, ms, info, not args.no_triton, kit, record, over_budget)
-    for shape in dense_shapes:
-        check_dense(shape, ms, info, not args.no_triton, kit, record, over_budget)
+    for make, shapes, kind in ((moe_case, moe_shapes, "moe"), (dense_case, dense_shapes, "dense")):
+        for shape in shapes:
+            if over_budget():
+                record({"kind": kind, "shape": list(shape), "skipped": "budget"})
+                continue
+            try:
+                case = make(shape, ms, info, not args.no_triton, kit)
+            except Exception as error:  # e.g. the shape's compile failed: record it, go on
+                record({"kind": kind, "shape": list(shape), "error": f"prepare: {type(error).__name__}: {error}"[:500]})
+                continue
+            for m in ms:
+                if over_budget():
+                    record({"kind": kind, "shape": list(shape), "m": m, "skipped": "budget"})
+                    continue
+                try:
+                    record(check_cell(case, m))
+                except Exception as error:  # inputs or reference: record it, go on
+                    record({"kind": kind, "shape": list(shape), "m": m,
+                            "error": f"cell: {type(error).__name__}: {error}"[:500]})
+            del case
+            torch.cuda.empty_cache()
 
-    done = [c for c in cells if "skipped" not in c]
-    rows = [[c["kind"], "x".join(map(str, c["shape"])), c["m"], c["humming_us"], c.get("kit_us", ""),
-             c.get("humming_over_kit", ""), c.get("triton_us", ""), c["rel_err"], c.get("triton_rel_err", ""),
-             c["graph_equal"] and c["graph_new_inputs_equal"], c["compile_s"]] for c in done]
+    done = [c for c in cells if "skipped" not in c and "m" in c and "error" not in c]
+    rows = [[c["kind"], "x".join(map(str, c["shape"])), c["m"], c.get("humming_us", ""), c.get("kit_us", ""),
+             c.get("humming_over_kit", ""), c.get("triton_us", ""), c.get("humming_rel_err", ""),
+             c.get("triton_rel_err", ""), bool(c.get("graph_equal") and c.get("graph_new_inputs_equal")),
+             c["compile_s"]] for c in done]
     print(fmt_table(["kind", "shape", "M", "humming us", "kit us", "/kit", "triton us", "err", "triton err",
                      "graph ==", "compile s"], rows))
-    worst = max((c["rel_err"] for c in done), default=float("nan"))
-    bad = [c for c in done
-           if not (c["within_tolerance"] and c["graph_equal"] and c["graph_new_inputs_equal"] and c["finite"])]
+    worst = max((c.get("humming_rel_err", float("nan")) for c in done), default=float("nan"))
+    bad = [c for c in cells if "skipped" not in c and not ("m" in c and "error" not in c and passed(c))]
     print(f"cells {len(done)} of {len(cells)}, worst rel err {worst:.3e} (tolerance {TOLERANCE}), "
           f"failing {len(bad)}, {time.perf_counter() - began:.0f} s")
     raise SystemExit(1 if bad else 0)
