@@ -92,6 +92,32 @@ def write_json(out_dir: str, name: str, data) -> str:
     return path
 
 
+class Recorder:
+    """The cells of a GPU check run: ``record(cell)`` prints the cell on one line (a
+    ``traceback`` entry after it) and rewrites ``out_dir/name`` with ``{**meta, "cells": [...]}``,
+    so a run stopped by its time limit keeps what it measured; ``over_budget()`` is true once
+    ``budget_s`` seconds have passed since the recorder was made."""
+
+    def __init__(self, out_dir: str, name: str, budget_s: float, **meta) -> None:
+        self.out_dir, self.name, self.budget_s, self.meta = out_dir, name, budget_s, meta
+        self.cells: list[dict] = []
+        self.began = time.perf_counter()
+
+    def record(self, cell: dict) -> None:
+        self.cells.append(cell)
+        print({key: (round(v, 5) if isinstance(v, float) else v) for key, v in cell.items()
+               if key != "traceback"}, flush=True)
+        if "traceback" in cell:
+            print(cell["traceback"], flush=True)
+        write_json(self.out_dir, self.name, {**self.meta, "cells": self.cells})
+
+    def over_budget(self) -> bool:
+        return self.elapsed() > self.budget_s
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.began
+
+
 def fmt_table(headers: list[str], rows: list[list]) -> str:
     cells = [headers] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from _common import (
-    device_info, fmt_table, graph_checks, graph_time_us, random_nvfp4, rel_err, require_cuda, write_json,
+    Recorder, device_info, fmt_table, graph_checks, graph_time_us, random_nvfp4, rel_err, require_cuda,
 )
 from quantoracle.backends.humming import TOLERANCE
 from quantoracle.backends.humming import kernels as humming
@@ -238,16 +238,8 @@ def main() -> None:
         except Exception as error:  # no kit column, but the backend's own checks still run
             info["kit_error"] = f"{type(error).__name__}: {error}"[:500]
             print("kit not loaded:", info["kit_error"], flush=True)
-    began = time.perf_counter()
-    cells: list[dict] = []
-
-    def record(cell: dict) -> None:
-        cells.append(cell)
-        print({key: (round(v, 5) if isinstance(v, float) else v) for key, v in cell.items()}, flush=True)
-        write_json(args.out, "check_humming.json", {"device": info, "tolerance": TOLERANCE, "cells": cells})
-
-    def over_budget() -> bool:
-        return time.perf_counter() - began > args.budget_s
+    run = Recorder(args.out, "check_humming.json", args.budget_s, device=info, tolerance=TOLERANCE)
+    record, over_budget, cells = run.record, run.over_budget, run.cells
 
     for make, shapes, kind in ((moe_case, moe_shapes, "moe"), (dense_case, dense_shapes, "dense")):
         for shape in shapes:
@@ -281,7 +273,7 @@ def main() -> None:
     worst = max((c.get("humming_rel_err", float("nan")) for c in done), default=float("nan"))
     bad = [c for c in cells if "skipped" not in c and not ("m" in c and "error" not in c and passed(c))]
     print(f"cells {len(done)} of {len(cells)}, worst rel err {worst:.3e} (tolerance {TOLERANCE}), "
-          f"failing {len(bad)}, {time.perf_counter() - began:.0f} s")
+          f"failing {len(bad)}, {run.elapsed():.0f} s")
     raise SystemExit(1 if bad else 0)
 
 
