@@ -9,6 +9,12 @@ once on random NVFP4 weights of the problem's shape and timed with :mod:`quantor
 rotating inputs, and rotating weight copies (dense) or routings (MoE) where one copy would stay
 in L2. Compilation (Triton, Humming's NVRTC) happens in the first, untimed warm-up of each
 (candidate, M); its seconds are reported per candidate.
+
+Nothing wrong is ranked: before a candidate is timed at an M, it is probed at that M against
+``reference`` on the same weights (:func:`quantoracle.verify.check`, the numerics check layers
+run on first use) and held to the tolerance it declares. A candidate that fails at any M is
+reported and measured at none for that problem (a kernel wrong at one batch size is not
+trusted at the others), so the cache never ranks it.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from quantoracle.oracle.registry import Registry, default_registry
 from quantoracle.oracle.tuning import LADDER, Measurement, TuningCache
 from quantoracle.schemes.tensors import MoEWeights
 from quantoracle.timing import graph_time_us, random_nvfp4
+from quantoracle.verify import Check, check
 
 SKIPPED = ("reference",)
 
@@ -36,10 +43,12 @@ SKIPPED = ("reference",)
 @dataclass
 class TuneReport:
     """What a tune run did: the cache, seconds spent preparing (and compiling) per candidate,
-    and the (problem, candidate, M, error) of calls that failed (left unmeasured)."""
+    the numerics checks run (one per candidate and M timed, plus the failing one), and the
+    (problem, candidate, M, error) of calls or checks that failed (left unmeasured)."""
 
     cache: TuningCache
     prepare_s: dict[str, float] = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
 
@@ -61,13 +70,14 @@ def tune(
         raise DeviceError("quantoracle tune needs a CUDA GPU: torch sees none")
     registry = registry or default_registry()
     here = torch.cuda.get_device_capability()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
     measurements: list[Measurement] = []
     report = TuneReport(cache=None)  # type: ignore[arg-type]
     bar = _progress(len(problems) * len(ladder), progress)
     for problem in problems:
         if problem.device.capability != here:
             raise DeviceError(f"tune: problem {problem} is for {problem.device}, this GPU is sm{here[0]}{here[1]}")
-        measurements += _tune_problem(problem, ladder, registry, target_s, report, bar)
+        measurements += _tune_problem(problem, ladder, registry, target_s, report, bar, l2)
     bar.close()
     fp = fingerprint_for(problems[0].device, registry) if problems else None
     report.cache = TuningCache(fingerprint=fp, match=match, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -76,21 +86,22 @@ def tune(
 
 
 def _tune_problem(problem: Problem, ladder: Sequence[int], registry: Registry, target_s: float,
-                  report: TuneReport, bar) -> list[Measurement]:
+                  report: TuneReport, bar, l2: int, device: str = "cuda") -> list[Measurement]:
     served = {m: resolve(problem, tokens=m, layouts="fastest", tuning="none", registry=registry) for m in ladder}
     effective = next(iter(served.values())).effective_problem
     labels = sorted({label for res in served.values() for label in res.survivors if label.split("/")[0] not in SKIPPED})
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    weights = _weights(effective)
+    weights = _weights(effective, device)
+    dtype = getattr(torch, effective.dtype)
     copies = 1
     if effective.kind == "linear":
         copies = max(2, min(16, math.ceil(4 * l2 / max(weights.nbytes, 1))))
     states: dict[tuple, list] = {}
     out: list[Measurement] = []
+    wrong: set[str] = set()
     for m in ladder:
         res_m = served[m]
         for label in labels:
-            if label not in res_m.survivors:
+            if label not in res_m.survivors or label in wrong:
                 continue
             backend, _, variant = label.partition("/")
             candidate = registry.backends[backend]
@@ -101,8 +112,18 @@ def _tune_problem(problem: Problem, ladder: Sequence[int], registry: Registry, t
                 if key not in states:
                     start = time.perf_counter()
                     states[key] = [candidate.prepare(w, effective) for w in _copies(weights, copies)]
-                    torch.cuda.synchronize()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
                     report.prepare_s[label] = round(time.perf_counter() - start, 2)
+                forced = resolve(problem, tokens=m, force=label, layouts="fastest", tuning="none", registry=registry)
+                probe = check(forced, states[key][0], weights, m, dtype, registry)
+                report.checks.append(probe)
+                if not probe.passed:
+                    wrong.add(label)
+                    out = [row for row in out if row.candidate != label]
+                    report.failures.append(f"{effective} {label}: numerics: {probe.describe()}; not measured "
+                                           "at any M (the cache does not rank it)")
+                    continue
                 us = _time(candidate, states[key], effective, m, variant or None, l2, target_s)
             except Exception as err:  # a failing candidate is reported and left unmeasured
                 report.failures.append(f"{effective} {label} M={m}: {type(err).__name__}: {str(err)[:300]}")
@@ -114,11 +135,12 @@ def _tune_problem(problem: Problem, ladder: Sequence[int], registry: Registry, t
     return out
 
 
-def _weights(problem: Problem):
+def _weights(problem: Problem, device: str):
     if problem.kind == "linear":
-        return random_nvfp4((), problem.local_n, problem.local_k, 1, seed=problem.n + problem.k)
+        return random_nvfp4((), problem.local_n, problem.local_k, 1, seed=problem.n + problem.k, device=device)
     e, h, i = problem.local_experts, problem.k, problem.local_n
-    return MoEWeights(random_nvfp4((e,), 2 * i, h, 2, seed=11 + e + h), random_nvfp4((e,), h, i, 1, seed=12 + e + i))
+    return MoEWeights(random_nvfp4((e,), 2 * i, h, 2, seed=11 + e + h, device=device),
+                      random_nvfp4((e,), h, i, 1, seed=12 + e + i, device=device))
 
 
 def _copies(weights, copies: int) -> list:

@@ -102,17 +102,25 @@ def check_layer(layer: Any, weights: Any) -> tuple[Check, ...]:
     backend's prepared form). Returns one :class:`Check` per probe served by another backend,
     in token order, failures included (nothing is quarantined or raised here: the policy is the
     caller's); empty when ``reference`` serves every bucket (nothing to compare)."""
-    device = weights.down.packed.device if isinstance(weights, MoEWeights) else weights.packed.device
     registry = layer._options.get("registry") or default_registry()
     checks = []
     for tokens in probe_tokens([b.min_tokens for b in layer.plan.buckets]):
         res, prepared = layer._serve(tokens)
-        if res.name == "reference":
-            continue
-        limit = tolerance(res, registry)
-        error, seconds = timed(run_probe, res, prepared, weights, tokens, device, layer.dtype)
-        checks.append(Check(res.label, tokens, error, limit, error <= limit, seconds))
+        if res.name != "reference":
+            checks.append(check(res, prepared, weights, tokens, layer.dtype, registry))
     return tuple(checks)
+
+
+def check(resolution: Resolution, prepared: Any, weights: Any, tokens: int, dtype: torch.dtype,
+          registry: Any) -> Check:
+    """One probe (:func:`run_probe`) of ``resolution``'s candidate, whose ``prepared`` state was
+    made from ``weights``, at ``tokens`` tokens in ``dtype``, judged by the tolerance it declares;
+    used by :func:`check_layer` and by ``quantoracle tune`` (which measures no candidate that
+    fails it)."""
+    device = weights.down.packed.device if isinstance(weights, MoEWeights) else weights.packed.device
+    limit = tolerance(resolution, registry)
+    error, seconds = timed(run_probe, resolution, prepared, weights, tokens, device, dtype)
+    return Check(resolution.label, tokens, error, limit, error <= limit, seconds)
 
 
 def run_probe(resolution: Resolution, prepared: Any, weights: Any, tokens: int, device: torch.device,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shlex
 import sys
@@ -92,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
     report.cache.save(out)
     summary = {"out": str(out), "fingerprint": report.cache.fingerprint.model_dump(mode="json"),
                "measurements": len(report.cache.measurements), "prepare_s": report.prepare_s,
+               "checks": len(report.checks), "checks_failed": sum(not c.passed for c in report.checks),
+               "worst_error": {label: _finite(max(c.error for c in report.checks if c.label == label))
+                               for label in dict.fromkeys(c.label for c in report.checks)},
                "failures": report.failures}
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -99,6 +103,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {len(report.cache.measurements)} measurements to {out} ({report.cache.fingerprint.describe()})")
         for label, seconds in report.prepare_s.items():
             print(f"  prepare (and compile) {label}: {seconds:.1f} s")
+        for label, error in summary["worst_error"].items():
+            worst = "NaN/Inf" if error is None else f"{error:.2e}"
+            print(f"  numerics {label}: worst rel. error {worst} against reference over the Ms probed")
         for failure in report.failures:
             print(f"  failed, left unmeasured: {failure}")
     return 1 if report.failures else 0
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no infinity: a non-finite error (NaN/Inf output) is written as null."""
+    return value if math.isfinite(value) else None
