@@ -19,9 +19,10 @@ from quantoracle.backends.humming.convert import (
     GemmShape, checkpoint_tensors, gemm_shape, torch_dtype, uniform_global_scale,
 )
 from quantoracle.backends.humming.kernels import OPEN, tuning_ranges
-from quantoracle.backends.humming.routing import indexed_routing, weighted_topk_sum
+from quantoracle.backends.humming.routing import indexed_routing
 from quantoracle.backends.reference import linear as reference_linear
 from quantoracle.backends.reference import moe as reference_moe
+from quantoracle.backends.triton_nvfp4.moe import topk_sum
 from quantoracle.errors import NumericsError
 from quantoracle.oracle import Device, NoBackendError, Problem, Registry, resolve
 from quantoracle.oracle import registry as registry_module
@@ -247,7 +248,7 @@ def test_weighted_topk_sum_reads_only_local_pairs():
     local = ((ids - first) >= 0) & ((ids - first) < experts)
     y[~local.flatten()] = float("nan")  # rows of non-local pairs hold nothing
     out = torch.empty(m, h, dtype=torch.float16)
-    out = weighted_topk_sum(y.to(DEVICE), w.to(DEVICE), ids.to(DEVICE), experts, first, out.to(DEVICE)).cpu()
+    out = topk_sum(y[None].to(DEVICE), ids.to(DEVICE), out.to(DEVICE), experts, first, w.to(DEVICE)).cpu()
     expected = (torch.where(local[..., None], y.view(m, top_k, h).float(), 0) * w[..., None]).sum(1)
     torch.testing.assert_close(out.float(), expected, rtol=1e-3, atol=1e-3)
 

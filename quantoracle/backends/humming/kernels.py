@@ -16,7 +16,7 @@ The fused MoE (W4A16):
 2. Humming's indexed GEMM, gate/up: ``[M * k, 2I]`` per pair (the token's row of x gathered);
 3. Humming's input processing with the activation fused: ``act(gate) * up`` -> ``[M * k, I]``;
 4. Humming's indexed GEMM, down (``top_k = 1``): ``[M * k, H]`` per pair;
-5. quantoracle's weighted top-k sum (``routing.weighted_topk_sum``), fp32, -> ``[M, H]``.
+5. quantoracle's weighted top-k sum (``triton_nvfp4.moe.topk_sum``), fp32, -> ``[M, H]``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 from quantoracle.backends.humming.convert import Converted, torch_dtype, transform
-from quantoracle.backends.humming.routing import indexed_routing, weighted_topk_sum
+from quantoracle.backends.humming.routing import indexed_routing
+from quantoracle.backends.triton_nvfp4.moe import topk_sum
 from quantoracle.errors import NumericsError
 from quantoracle.schemes.tensors import MoEWeights, NVFP4Tensor
 
@@ -312,7 +313,7 @@ def fused_moe(x: torch.Tensor, prepared: PreparedMoE, topk_weights: torch.Tensor
     prepared.w2.forward(hidden, prepared.locks, outputs=down, sorted_ids=r2.sorted_ids,
                         expert_ids=r2.expert_ids, num_tokens_padded=r2.num_tokens_padded,
                         top_k=1, valid_shape_m=pairs)
-    return weighted_topk_sum(down, topk_weights, topk_ids, prepared.experts, prepared.first_expert, out)
+    return topk_sum(down[None], topk_ids, out, prepared.experts, prepared.first_expert, topk_weights)
 
 
 __all__ = ["prepare_linear", "linear", "prepare_moe", "fused_moe", "PreparedLinear", "PreparedMoE",

@@ -6,7 +6,8 @@ Humming's indexed expert GEMM reads a routing as vLLM's ``moe_align_block_size``
 ``num_tokens_padded`` int32 ``[1]`` (blocks in use * block_m). quantoracle's own sort
 (:func:`quantoracle.backends.triton_nvfp4.align.align`) writes the first and per-expert block
 ends; :func:`indexed_routing` derives the other two. Humming has no top-k reduction in its API:
-:func:`weighted_topk_sum` adds each token's local pairs, scaled by their router weights, in fp32.
+the backend uses triton_nvfp4's (``moe.topk_sum`` with the router weights), which adds each
+token's local pairs, scaled by their router weights, in fp32.
 """
 
 from __future__ import annotations
@@ -55,35 +56,3 @@ def indexed_routing(topk_ids: torch.Tensor, experts: int, first_expert: int, blo
         BLOCK_M=block_m, LOG2_E=experts.bit_length(), CHUNK=_CHUNK, num_warps=4,
     )
     return IndexedRouting(routing.sorted_pairs, expert_ids, padded, block_m)
-
-
-@triton.jit(do_not_specialize=["first_expert"])
-def _weighted_topk_sum_kernel(y_ptr, topk_w_ptr, topk_ids_ptr, out_ptr, H, first_expert, E,
-                              TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
-    """``out[t] = sum_j w[t, j] * y[t * TOP_K + j]`` over the local slots j, in fp32, in slot
-    order (deterministic); rows of non-local slots are never read (they hold no values)."""
-    token = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_ok = offs < H
-    total = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        pair = token * TOP_K + j
-        local_id = tl.load(topk_ids_ptr + pair).to(tl.int32) - first_expert + tl.zeros_like(offs)
-        weight = tl.load(topk_w_ptr + pair).to(tl.float32)
-        row_ok = h_ok & (local_id >= 0) & (local_id < E)
-        y = tl.load(y_ptr + pair.to(tl.int64) * H + offs, mask=row_ok, other=0.0)
-        total += y.to(tl.float32) * weight
-    tl.store(out_ptr + token.to(tl.int64) * H + offs, total.to(out_ptr.dtype.element_ty), mask=h_ok)
-
-
-def weighted_topk_sum(y: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                      experts: int, first_expert: int, out: torch.Tensor) -> torch.Tensor:
-    """``y`` ``[M * k, H]`` per pair -> ``out`` ``[M, H]`` (see the kernel)."""
-    m, top_k = topk_ids.shape
-    h = y.shape[-1]
-    block_h = min(1024, triton.next_power_of_2(h))
-    _weighted_topk_sum_kernel[(m, triton.cdiv(h, block_h))](
-        y, topk_weights.contiguous(), topk_ids.contiguous(), out, h, first_expert, experts,
-        TOP_K=top_k, BLOCK_H=block_h, num_warps=4,
-    )
-    return out

@@ -128,10 +128,11 @@ def _moe_gemm_kernel(
 
 
 @triton.jit(do_not_specialize=["first_expert"])
-def _topk_sum_kernel(y_ptr, topk_ids_ptr, out_ptr, H, first_expert, E, SPLITS, stride_ys,
-                     TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
-    """``out[t, :] = sum over local slots j and K slices s of y[s, t * TOP_K + j, :]`` in fp32,
-    in a fixed order."""
+def _topk_sum_kernel(y_ptr, topk_w_ptr, topk_ids_ptr, out_ptr, H, first_expert, E, SPLITS, stride_ys,
+                     TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, WEIGHTED: tl.constexpr):
+    """``out[t, :] = sum over local slots j and K slices s of y[s, t * TOP_K + j, :]`` (each
+    term times the slot's router weight ``topk_w[t, j]`` when WEIGHTED) in fp32, in a fixed
+    order (deterministic); rows of non-local slots are never read (they may hold anything)."""
     token = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs < H
@@ -140,10 +141,33 @@ def _topk_sum_kernel(y_ptr, topk_ids_ptr, out_ptr, H, first_expert, E, SPLITS, s
         pair = token * TOP_K + j
         local_id = tl.load(topk_ids_ptr + pair).to(tl.int32) - first_expert + tl.zeros_like(offs)
         row_ok = h_ok & (local_id >= 0) & (local_id < E)
+        if WEIGHTED:
+            weight = tl.load(topk_w_ptr + pair).to(tl.float32)
         for s in range(SPLITS):
-            total += tl.load(y_ptr + s * stride_ys + pair.to(tl.int64) * H + offs, mask=row_ok,
-                             other=0.0)
+            y = tl.load(y_ptr + s * stride_ys + pair.to(tl.int64) * H + offs, mask=row_ok, other=0.0)
+            if WEIGHTED:
+                total += y.to(tl.float32) * weight
+            else:
+                total += y
     tl.store(out_ptr + token.to(tl.int64) * H + offs, total.to(out_ptr.dtype.element_ty), mask=h_ok)
+
+
+def topk_sum(y: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor, experts: int, first_expert: int,
+             topk_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``y`` ``[splits, M * k, H]`` (per K slice, per routed pair; rows contiguous) -> ``out``
+    ``[M, H]``: each token's local pairs and slices added in fp32 in a fixed order, each times
+    its router weight when ``topk_weights`` ``[M, k]`` is given (:func:`_topk_sum_kernel`).
+    The sorted path's last launch, and the Humming backend's top-k reduction."""
+    m, top_k = topk_ids.shape
+    h = y.shape[-1]
+    block_h = min(1024, triton.next_power_of_2(h))
+    weighted = topk_weights is not None
+    _topk_sum_kernel[(m, triton.cdiv(h, block_h))](
+        y, topk_weights.contiguous() if weighted else y, topk_ids.contiguous(), out, h, first_expert,
+        experts, y.shape[0], y.stride(0),
+        TOP_K=top_k, BLOCK_H=block_h, WEIGHTED=weighted, num_warps=4,
+    )
+    return out
 
 
 @triton.jit
@@ -451,13 +475,7 @@ def fused_moe(
             SCALE_BASE=decode.scale_base, UNFOLD=decode.unfold,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
-    block_h = min(1024, triton.next_power_of_2(h))
-    _topk_sum_kernel[(m, triton.cdiv(h, block_h))](
-        routed, topk_ids, out, h, prepared.first_expert, prepared.experts, splits,
-        routed.stride(0),
-        TOP_K=top_k, BLOCK_H=block_h, num_warps=4,
-    )
-    return out
+    return topk_sum(routed, topk_ids, out, prepared.experts, prepared.first_expert)
 
 
 def _unsorted(x, prepared, topk_weights, topk_ids, out, activation, quantize_activations,
