@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from quantoracle.timing import capture_graph, event_ms as _event_ms, graph_time_us, random_nvfp4  # noqa: E402,F401
+from quantoracle.timing import capture_graph, event_ms as _event_ms, graph_time_us, random_moe, random_nvfp4  # noqa: E402,F401
 
 
 def require_cuda(tool: str) -> None:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import (
-    copy_bandwidth, device_info, fmt_table, graph_time_us, matmul_rate, random_nvfp4, rel_err,
+    copy_bandwidth, device_info, fmt_table, graph_time_us, matmul_rate, random_moe, rel_err,
     write_json,
 )
 from quantoracle.backends.reference.moe import fused_moe as reference_moe
@@ -41,7 +41,6 @@ from quantoracle.backends.triton_nvfp4 import align as align_module
 from quantoracle.backends.triton_nvfp4 import configs
 from quantoracle.backends.triton_nvfp4.configs import MoEConfig, Tile
 from quantoracle.backends.triton_nvfp4.moe import fused_moe, prepare_moe
-from quantoracle.schemes.tensors import MoEWeights
 
 SHAPES = [(256, 2048, 512, 8), (128, 2048, 768, 8), (8, 4096, 14336, 2), (256, 7168, 2048, 8)]
 MS = [1, 4, 16, 64, 256, 1024, 4096]
@@ -239,8 +238,7 @@ def compare_variants(args, shapes, ms) -> None:
     results, log = [], []
     for shape in shapes:
         experts, hidden, inter, top_k = shape
-        weights = MoEWeights(random_nvfp4((experts,), 2 * inter, hidden, 2, seed=1),
-                             random_nvfp4((experts,), hidden, inter, 1, seed=2))
+        weights = random_moe(experts, hidden, inter)
         prepared = prepare_moe(weights)
         expert_bytes = 3 * inter * hidden * 4.5 / 8
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -318,8 +316,7 @@ def main() -> None:
     results, tuning = [], []
     for shape in shapes:
         experts, hidden, inter, top_k = shape
-        weights = MoEWeights(random_nvfp4((experts,), 2 * inter, hidden, 2, seed=1),
-                             random_nvfp4((experts,), hidden, inter, 1, seed=2))
+        weights = random_moe(experts, hidden, inter)
         prepared = prepare_moe(weights)
         w13 = torch.empty(experts, 2 * inter, hidden, dtype=torch.bfloat16, device="cuda")
         w2 = torch.empty(experts, hidden, inter, dtype=torch.bfloat16, device="cuda")

@@ -35,9 +35,8 @@ from quantoracle.cli.tune import BENCHMARK_SHAPES, parse_shape  # noqa: E402
 from quantoracle.layers import NVFP4FusedMoE, NVFP4Linear  # noqa: E402
 from quantoracle.oracle import Device, plan  # noqa: E402
 from quantoracle.oracle.tuning import LADDER  # noqa: E402
-from quantoracle.schemes.tensors import MoEWeights  # noqa: E402
-from quantoracle.timing import graph_time_us, random_nvfp4  # noqa: E402
-from quantoracle.tune import tune  # noqa: E402
+from quantoracle.timing import graph_time_us  # noqa: E402
+from quantoracle.tune import random_weights, tune  # noqa: E402
 
 LAYER_MS = (1, 16, 256, 4096)
 
@@ -120,11 +119,9 @@ def main() -> None:
 
 
 def _layer(problem, cache_path):
+    w = random_weights(problem)  # the weights tune times (the benchmark shapes are unsharded)
     if problem.kind == "linear":
-        w = random_nvfp4((), problem.n, problem.k, 1, seed=problem.n + problem.k)
         return NVFP4Linear(w, tuning=cache_path, layouts="fastest", verify="first_use"), w
-    e, h, i = problem.experts, problem.k, problem.n
-    w = MoEWeights(random_nvfp4((e,), 2 * i, h, 2, seed=11 + e + h), random_nvfp4((e,), h, i, 1, seed=12 + e + i))
     return NVFP4FusedMoE(w, top_k=problem.top_k, tuning=cache_path, layouts="fastest", verify="first_use"), w
 
 

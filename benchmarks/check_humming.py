@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import torch
 
 from _common import (
-    Recorder, device_info, fmt_table, graph_checks, graph_time_us, random_nvfp4, rel_err, require_cuda,
+    Recorder, device_info, fmt_table, graph_checks, graph_time_us, random_moe, random_nvfp4, rel_err,
+    require_cuda,
 )
 from quantoracle.backends.humming import TOLERANCE
 from quantoracle.backends.humming import kernels as humming
@@ -90,10 +91,10 @@ class Kit:
 def moe_weights(experts: int, hidden: int, inter: int) -> MoEWeights:
     """Random NVFP4 experts; gate and up share one global scale per expert, as ModelOpt exports
     them (Humming then keeps it in fp32)."""
-    gate_up = random_nvfp4((experts,), 2 * inter, hidden, 2, seed=1)
+    weights = random_moe(experts, hidden, inter)
+    gate_up = weights.gate_up
     shared = gate_up.global_scale[:, :1].expand(experts, 2).contiguous()
-    gate_up = NVFP4Tensor(gate_up.packed, gate_up.block_scale, shared)
-    return MoEWeights(gate_up, random_nvfp4((experts,), hidden, inter, 1, seed=2))
+    return MoEWeights(NVFP4Tensor(gate_up.packed, gate_up.block_scale, shared), weights.down)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from quantoracle.schemes.tensors import NVFP4Tensor
+from quantoracle.schemes.tensors import MoEWeights, NVFP4Tensor
 
 
 def event_ms(fn: Callable[[], object], reps: int) -> list[float]:
@@ -64,3 +64,11 @@ def random_nvfp4(lead: tuple[int, ...], rows: int, cols: int, shards: int, seed:
                            device=device, generator=g).view(torch.float8_e4m3fn)
     global_scale = (torch.rand(*lead, shards, device=device, generator=g) + 0.5) * 2e-5
     return NVFP4Tensor(packed, scales, global_scale)
+
+
+def random_moe(experts: int, hidden: int, intermediate: int, seeds: tuple[int, int] = (1, 2),
+               device: str | torch.device = "cuda") -> MoEWeights:
+    """Random NVFP4 experts (:func:`random_nvfp4`, seeded by ``seeds``): gate/up
+    ``[E, 2I, H]`` with a global scale per shard, down ``[E, H, I]``."""
+    return MoEWeights(random_nvfp4((experts,), 2 * intermediate, hidden, 2, seed=seeds[0], device=device),
+                      random_nvfp4((experts,), hidden, intermediate, 1, seed=seeds[1], device=device))

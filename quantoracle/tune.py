@@ -33,8 +33,7 @@ from quantoracle.oracle import Problem, resolve
 from quantoracle.oracle.engine import fingerprint_for
 from quantoracle.oracle.registry import Registry, default_registry
 from quantoracle.oracle.tuning import LADDER, Measurement, TuningCache
-from quantoracle.schemes.tensors import MoEWeights
-from quantoracle.timing import graph_time_us, random_nvfp4
+from quantoracle.timing import graph_time_us, random_moe, random_nvfp4
 from quantoracle.verify import Check, check
 
 SKIPPED = ("reference",)
@@ -90,7 +89,7 @@ def _tune_problem(problem: Problem, ladder: Sequence[int], registry: Registry, t
     served = {m: resolve(problem, tokens=m, layouts="fastest", tuning="none", registry=registry) for m in ladder}
     effective = next(iter(served.values())).effective_problem
     labels = sorted({label for res in served.values() for label in res.survivors if label.split("/")[0] not in SKIPPED})
-    weights = _weights(effective, device)
+    weights = random_weights(effective, device)
     dtype = getattr(torch, effective.dtype)
     copies = 1
     if effective.kind == "linear":
@@ -135,12 +134,13 @@ def _tune_problem(problem: Problem, ladder: Sequence[int], registry: Registry, t
     return out
 
 
-def _weights(problem: Problem, device: str):
+def random_weights(problem: Problem, device: str = "cuda"):
+    """Random NVFP4 weights of ``problem``'s per-rank shape (a Linear's ``NVFP4Tensor`` or the
+    local experts' ``MoEWeights``), seeded by the shape: what ``tune`` times."""
     if problem.kind == "linear":
         return random_nvfp4((), problem.local_n, problem.local_k, 1, seed=problem.n + problem.k, device=device)
     e, h, i = problem.local_experts, problem.k, problem.local_n
-    return MoEWeights(random_nvfp4((e,), 2 * i, h, 2, seed=11 + e + h, device=device),
-                      random_nvfp4((e,), h, i, 1, seed=12 + e + i, device=device))
+    return random_moe(e, h, i, seeds=(11 + e + h, 12 + e + i), device=device)
 
 
 def _copies(weights, copies: int) -> list:
