@@ -29,6 +29,7 @@ from quantoracle.oracle import registry as registry_module
 from quantoracle.oracle import rules
 from quantoracle.schemes import SCHEMES, nvfp4
 from quantoracle.schemes.tensors import MoEWeights, NVFP4Tensor
+from quantoracle.timing import capture_graph
 
 from test_oracle_properties import problems
 
@@ -363,18 +364,15 @@ def _graph_facets(fn, inputs: list[torch.Tensor], new_inputs: list[torch.Tensor]
     def rel(a, b):
         return ((a.float() - b.float()).norm() / b.float().norm()).item() if not torch.equal(a, b) else 0.0
 
+    def captured_graph(call):
+        """``timing.capture_graph`` (warm-up, capture, one replay) and the captured output."""
+        outputs = []
+        graph = capture_graph([lambda: outputs.append(call())])
+        return graph, outputs[-1]
+
     first, second = fn(), fn()
     facets = {"eager_repeat": rel(second, first)}
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = fn()
-    graph.replay()
-    torch.cuda.synchronize()
+    graph, captured = captured_graph(fn)
     facets["replay"] = rel(captured, fn())
     for buffer, value in zip(inputs, new_inputs):
         buffer.copy_(value)
@@ -389,9 +387,7 @@ def _graph_facets(fn, inputs: list[torch.Tensor], new_inputs: list[torch.Tensor]
             buffer.copy_(source)
         return fn()
 
-    chained = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(chained):
-        captured = produce_then_fn()
+    chained, captured = captured_graph(produce_then_fn)
     for source, value in zip(sources, new_inputs):
         source.copy_(torch.roll(value, 1, 0))
     chained.replay()
